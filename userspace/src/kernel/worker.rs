@@ -1,0 +1,426 @@
+//! One pinned kernel-datapath worker: its UDP sockets (batched recvmmsg/sendmmsg, replies written in
+//! place), its TCP listeners, its share of the Unix listeners, and the stream connections it accepted.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::EventFd;
+use slab::Slab;
+
+use crate::core::{Batch, Counter, Protocol, StreamDecoder, Ticket};
+use crate::stats::{DropReason, WorkerStats};
+use crate::sys::MmsgBatch;
+
+use super::sockets::WorkerSockets;
+
+/// How a worker waits for work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PollMode {
+    /// Busy-loop on non-blocking sockets: lowest latency, one core at 100%.
+    Spin,
+    /// Sleep in epoll until a socket is ready: efficient.
+    Block,
+}
+
+const TOKEN_WAKE: u64 = 0;
+const TOKEN_UDP: u64 = 1;
+const TOKEN_LISTENER: u64 = 1 << 16;
+const TOKEN_CONN: u64 = 1 << 32;
+/// Batches served from one UDP socket before looking at the others.
+const MAX_BATCHES_PER_TURN: usize = 16;
+/// Bytes read from a stream connection at once.
+const STREAM_READ: usize = 64 * 1024;
+const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Tuning shared by all workers.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerConfig {
+    pub poll: PollMode,
+    pub batch: usize,
+    pub max_datagram: usize,
+}
+
+/// A stream connection: about 64 bytes while idle (no heap allocation).
+struct Conn {
+    io: File,
+    protocol: Protocol,
+    decoder: StreamDecoder,
+    /// Replies the kernel would not take yet; while set the connection is not read (backpressure).
+    pending: Vec<u8>,
+    /// An invalid frame was seen: close once pending replies are flushed.
+    closing: bool,
+}
+
+enum Listener {
+    Tcp(std::net::TcpListener),
+    Unix(Arc<super::sockets::UnixEndpoint>),
+}
+
+pub struct Worker {
+    stats: Arc<WorkerStats>,
+    counter: Arc<dyn Counter>,
+    config: WorkerConfig,
+    stop: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
+    udp: Vec<(Protocol, std::net::UdpSocket)>,
+    listeners: Vec<(Protocol, Listener)>,
+    conns: Slab<Conn>,
+    mmsg: MmsgBatch,
+    tickets: Vec<Ticket>,
+    replies: Vec<(u16, u16)>,
+    read_buf: Box<[u8]>,
+    write_buf: Box<[u8]>,
+    last_error_log: Option<Instant>,
+}
+
+impl Worker {
+    pub fn new(
+        sockets: WorkerSockets,
+        stats: Arc<WorkerStats>,
+        counter: Arc<dyn Counter>,
+        config: WorkerConfig,
+        stop: Arc<AtomicBool>,
+        wake: Arc<EventFd>,
+    ) -> Worker {
+        let mut listeners: Vec<(Protocol, Listener)> = Vec::new();
+        listeners.extend(sockets.tcp.into_iter().map(|(p, l)| (p, Listener::Tcp(l))));
+        listeners.extend(
+            sockets
+                .unix
+                .into_iter()
+                .map(|(p, l)| (p, Listener::Unix(l))),
+        );
+        Worker {
+            stats,
+            counter,
+            config,
+            stop,
+            wake,
+            udp: sockets.udp,
+            listeners,
+            conns: Slab::new(),
+            mmsg: MmsgBatch::new(config.batch, config.max_datagram),
+            tickets: Vec::with_capacity(config.batch),
+            replies: Vec::with_capacity(config.batch),
+            read_buf: vec![0u8; STREAM_READ].into_boxed_slice(),
+            write_buf: vec![0u8; STREAM_READ + 16].into_boxed_slice(),
+            last_error_log: None,
+        }
+    }
+
+    /// Serves until the stop flag is set, then answers what was already received and returns.
+    pub fn run(mut self) -> io::Result<()> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        epoll.add(
+            self.wake.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_WAKE),
+        )?;
+        let spin = self.config.poll == PollMode::Spin;
+        // Spinning workers poll their UDP sockets directly (one syscall per turn); blocking workers
+        // wait for them in epoll.
+        if !spin {
+            for (i, (_, socket)) in self.udp.iter().enumerate() {
+                epoll.add(
+                    socket.as_fd(),
+                    EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_UDP + i as u64),
+                )?;
+            }
+        }
+        for (i, (_, listener)) in self.listeners.iter().enumerate() {
+            let (fd, flags) = match listener {
+                Listener::Tcp(l) => (l.as_fd(), EpollFlags::EPOLLIN),
+                // A Unix listener is shared by all workers: wake only one of them per connection.
+                Listener::Unix(u) => (
+                    u.listener.as_fd(),
+                    EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE,
+                ),
+            };
+            epoll.add(fd, EpollEvent::new(flags, TOKEN_LISTENER + i as u64))?;
+        }
+        let has_streams = !self.listeners.is_empty();
+        let mut events = vec![EpollEvent::empty(); 256];
+
+        while !self.stop.load(Ordering::Relaxed) {
+            if spin {
+                for i in 0..self.udp.len() {
+                    self.serve_udp(i);
+                }
+                if !has_streams {
+                    continue;
+                }
+            }
+            let timeout = if spin {
+                EpollTimeout::ZERO
+            } else {
+                EpollTimeout::NONE
+            };
+            let n = match epoll.wait(&mut events, timeout) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for event in &events[..n] {
+                self.dispatch(&epoll, event.data(), event.events());
+            }
+        }
+
+        // Shutdown: stop accepting, answer what already arrived, close connections.
+        for (_, listener) in &self.listeners {
+            let fd = match listener {
+                Listener::Tcp(l) => l.as_fd(),
+                Listener::Unix(u) => u.listener.as_fd(),
+            };
+            let _ = epoll.delete(fd);
+        }
+        self.listeners.clear();
+        for i in 0..self.udp.len() {
+            self.serve_udp(i);
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.conn_readable(&epoll, key);
+        }
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.close(&epoll, key, false);
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, epoll: &Epoll, token: u64, flags: EpollFlags) {
+        if token == TOKEN_WAKE {
+            let _ = self.wake.read();
+        } else if token < TOKEN_LISTENER {
+            self.serve_udp((token - TOKEN_UDP) as usize);
+        } else if token < TOKEN_CONN {
+            self.accept(epoll, (token - TOKEN_LISTENER) as usize);
+        } else {
+            let key = (token - TOKEN_CONN) as usize;
+            if flags.contains(EpollFlags::EPOLLOUT) {
+                self.conn_writable(epoll, key);
+            }
+            if flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
+                self.conn_readable(epoll, key);
+            }
+        }
+    }
+
+    /// Receives batches from one UDP socket and answers them with one counter add per batch.
+    fn serve_udp(&mut self, index: usize) {
+        let (protocol, ref socket) = self.udp[index];
+        let fd = socket.as_raw_fd();
+        for _ in 0..MAX_BATCHES_PER_TURN {
+            let n = match self.mmsg.recv(fd) {
+                Ok(0) => return,
+                Ok(n) => n,
+                Err(e) => {
+                    self.log_error("udp receive", &e);
+                    return;
+                }
+            };
+            let mut batch = Batch::new(&self.stats);
+            self.tickets.clear();
+            for i in 0..n {
+                let (request, truncated) = self.mmsg.datagram(i);
+                let ticket = if truncated {
+                    self.stats.requests.add(1);
+                    self.stats.rx_bytes.add(request.len() as u64);
+                    self.stats.count_drop(DropReason::Oversize);
+                    Ticket::Drop(DropReason::Oversize)
+                } else {
+                    batch.admit(protocol, request)
+                };
+                self.tickets.push(ticket);
+            }
+            let commit = batch.commit(&*self.counter);
+            self.replies.clear();
+            for (i, &ticket) in self.tickets.iter().enumerate() {
+                if ticket.is_reply() {
+                    let (buf, _) = self.mmsg.datagram(i);
+                    let len = commit.write_reply_in_place(ticket, buf);
+                    self.replies.push((i as u16, len as u16));
+                }
+            }
+            if !self.replies.is_empty() {
+                let (sent, bytes, refused) = self.mmsg.send(fd, &self.replies);
+                self.stats.replies.add(sent as u64);
+                self.stats.tx_bytes.add(bytes as u64);
+                self.stats.tx_errors.add(refused as u64);
+            }
+            if n < self.mmsg.slots() {
+                return;
+            }
+        }
+    }
+
+    fn accept(&mut self, epoll: &Epoll, index: usize) {
+        for _ in 0..64 {
+            let (protocol, listener) = &self.listeners[index];
+            let protocol = *protocol;
+            let accepted: io::Result<OwnedFd> = match listener {
+                Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                    let _ = s.set_nodelay(true);
+                    let _ = s.set_nonblocking(true);
+                    s.into()
+                }),
+                Listener::Unix(u) => u.listener.accept().map(|(s, _)| {
+                    let _ = s.set_nonblocking(true);
+                    s.into()
+                }),
+            };
+            let fd = match accepted {
+                Ok(fd) => fd,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: leave the connection in the backlog and say so, rarely.
+                    self.log_error("accept", &e);
+                    return;
+                }
+            };
+            let entry = self.conns.vacant_entry();
+            let token = TOKEN_CONN + entry.key() as u64;
+            if let Err(e) = epoll.add(
+                fd.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP, token),
+            ) {
+                self.log_error("epoll add", &e.into());
+                continue;
+            }
+            entry.insert(Conn {
+                io: File::from(fd),
+                protocol,
+                decoder: StreamDecoder::default(),
+                pending: Vec::new(),
+                closing: false,
+            });
+            self.stats.conns_opened.add(1);
+        }
+    }
+
+    fn conn_readable(&mut self, epoll: &Epoll, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if !conn.pending.is_empty() {
+            // Backpressure: the peer is not reading its replies, so stop reading its requests.
+            return;
+        }
+        let n = match conn.io.read(&mut self.read_buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
+            Err(_) => {
+                self.close(epoll, key, true);
+                return;
+            }
+        };
+        if n == 0 {
+            self.close(epoll, key, true);
+            return;
+        }
+        let output = conn.decoder.feed(
+            conn.protocol,
+            &self.read_buf[..n],
+            &mut self.write_buf,
+            &self.stats,
+            &*self.counter,
+        );
+        self.stats.replies.add(u64::from(output.replies));
+        if output.error.is_some() {
+            conn.closing = true;
+            self.stats.conns_rejected.add(1);
+        }
+        let reply = &self.write_buf[..output.reply_len];
+        match write_nonblocking(&mut conn.io, reply) {
+            Ok(written) => {
+                self.stats.tx_bytes.add(written as u64);
+                if written < reply.len() {
+                    conn.pending = reply[written..].to_vec();
+                    let mut ev = EpollEvent::new(EpollFlags::EPOLLOUT, TOKEN_CONN + key as u64);
+                    let _ = epoll.modify(conn.io.as_fd(), &mut ev);
+                } else if conn.closing {
+                    self.close(epoll, key, false);
+                }
+            }
+            Err(_) => self.close(epoll, key, false),
+        }
+    }
+
+    fn conn_writable(&mut self, epoll: &Epoll, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.pending.is_empty() {
+            return;
+        }
+        match write_nonblocking(&mut conn.io, &conn.pending) {
+            Ok(written) => {
+                self.stats.tx_bytes.add(written as u64);
+                conn.pending.drain(..written);
+                if conn.pending.is_empty() {
+                    // Give the buffer back: idle connections hold no heap memory.
+                    conn.pending = Vec::new();
+                    if conn.closing {
+                        self.close(epoll, key, false);
+                        return;
+                    }
+                    let mut ev = EpollEvent::new(
+                        EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP,
+                        TOKEN_CONN + key as u64,
+                    );
+                    let _ = epoll.modify(conn.io.as_fd(), &mut ev);
+                }
+            }
+            Err(_) => self.close(epoll, key, false),
+        }
+    }
+
+    /// Closes a connection. `at_eof`: the peer ended it, so a partial frame it left is counted.
+    fn close(&mut self, epoll: &Epoll, key: usize, at_eof: bool) {
+        let Some(conn) = self.conns.try_remove(key) else {
+            return;
+        };
+        if at_eof && conn.decoder.pending() > 0 && !conn.closing {
+            self.stats.requests.add(1);
+            self.stats.count_drop(DropReason::WrongLength);
+        }
+        let _ = epoll.delete(conn.io.as_fd());
+        self.stats.conns_closed.add(1);
+    }
+
+    fn log_error(&mut self, what: &str, error: &io::Error) {
+        let now = Instant::now();
+        if self
+            .last_error_log
+            .is_none_or(|last| now.duration_since(last) >= ERROR_LOG_INTERVAL)
+        {
+            self.last_error_log = Some(now);
+            tracing::warn!("{what}: {error} (further errors of this worker muted for 5 s)");
+        }
+    }
+}
+
+/// Writes as much as the socket takes without blocking.
+fn write_nonblocking(io: &mut File, mut bytes: &[u8]) -> io::Result<usize> {
+    let mut written = 0;
+    while !bytes.is_empty() {
+        match io.write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                written += n;
+                bytes = &bytes[n..];
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
+}

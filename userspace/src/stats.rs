@@ -1,0 +1,202 @@
+//! Per-worker statistics: cache-line-aligned records written by one worker, read lock-free by anyone.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why a request was dropped or a connection closed. Every drop is counted under exactly one reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropReason {
+    /// A counter request that is not exactly 16 bytes (datagram) or a stream that ended mid-frame.
+    WrongLength,
+    /// A 16-byte counter frame whose hash does not match its value.
+    BadHash,
+    /// A sockperf datagram shorter than the 14-byte header, or a stream message declaring such a length.
+    TooShort,
+    /// A datagram larger than the receive buffer (cut by the kernel: MSG_TRUNC).
+    Oversize,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 4] = [
+        DropReason::WrongLength,
+        DropReason::BadHash,
+        DropReason::TooShort,
+        DropReason::Oversize,
+    ];
+    pub const COUNT: usize = Self::ALL.len();
+
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The label used in logs, JSON and metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DropReason::WrongLength => "wrong_length",
+            DropReason::BadHash => "bad_hash",
+            DropReason::TooShort => "too_short",
+            DropReason::Oversize => "oversize",
+        }
+    }
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One monotonically increasing counter with a single writer.
+///
+/// The owning worker adds with a relaxed load and store, which compiles to plain moves: no locked
+/// read-modify-write on the hot path. Any thread may read it at any time and sees a value that was
+/// current at some recent point.
+#[derive(Debug, Default)]
+pub struct Tally(AtomicU64);
+
+impl Tally {
+    /// Adds `n`. Only the record's owner calls this.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        let v = self.0.load(Ordering::Relaxed);
+        self.0.store(v.wrapping_add(n), Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The statistics of one worker, alone on its cache lines so workers never share a line.
+#[derive(Debug, Default)]
+#[repr(C, align(64))]
+pub struct WorkerStats {
+    /// Requests received: datagrams, stream frames (counter, sockperf) or stream reads (echo).
+    pub requests: Tally,
+    /// Replies handed to the kernel.
+    pub replies: Tally,
+    pub rx_bytes: Tally,
+    pub tx_bytes: Tally,
+    drops: [Tally; DropReason::COUNT],
+    /// Replies the kernel refused (send errors other than would-block); the request was counted.
+    pub tx_errors: Tally,
+    /// Stream connections accepted and closed.
+    pub conns_opened: Tally,
+    pub conns_closed: Tally,
+    /// Stream connections closed because of an invalid frame.
+    pub conns_rejected: Tally,
+}
+
+impl WorkerStats {
+    #[inline]
+    pub fn count_drop(&self, reason: DropReason) {
+        self.drops[reason.index()].add(1);
+    }
+
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()].get()
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let mut drops = [0u64; DropReason::COUNT];
+        for reason in DropReason::ALL {
+            drops[reason.index()] = self.drops(reason);
+        }
+        StatsSnapshot {
+            requests: self.requests.get(),
+            replies: self.replies.get(),
+            rx_bytes: self.rx_bytes.get(),
+            tx_bytes: self.tx_bytes.get(),
+            drops,
+            tx_errors: self.tx_errors.get(),
+            conns_opened: self.conns_opened.get(),
+            conns_closed: self.conns_closed.get(),
+            conns_rejected: self.conns_rejected.get(),
+        }
+    }
+}
+
+/// A plain copy of a worker's statistics, summable across workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub requests: u64,
+    pub replies: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub drops: [u64; DropReason::COUNT],
+    pub tx_errors: u64,
+    pub conns_opened: u64,
+    pub conns_closed: u64,
+    pub conns_rejected: u64,
+}
+
+impl StatsSnapshot {
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    pub fn merge(&mut self, other: &StatsSnapshot) {
+        self.requests += other.requests;
+        self.replies += other.replies;
+        self.rx_bytes += other.rx_bytes;
+        self.tx_bytes += other.tx_bytes;
+        for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
+            *a += b;
+        }
+        self.tx_errors += other.tx_errors;
+        self.conns_opened += other.conns_opened;
+        self.conns_closed += other.conns_closed;
+        self.conns_rejected += other.conns_rejected;
+    }
+}
+
+impl fmt::Display for StatsSnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "requests={} replies={} rx_bytes={} tx_bytes={} tx_errors={} conns_opened={} conns_closed={} conns_rejected={}",
+            self.requests,
+            self.replies,
+            self.rx_bytes,
+            self.tx_bytes,
+            self.tx_errors,
+            self.conns_opened,
+            self.conns_closed,
+            self.conns_rejected
+        )?;
+        for reason in DropReason::ALL {
+            write!(f, " drop_{}={}", reason, self.drops(reason))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn records_do_not_share_cache_lines() {
+        assert_eq!(std::mem::align_of::<WorkerStats>(), 64);
+        assert_eq!(std::mem::size_of::<WorkerStats>() % 64, 0);
+    }
+
+    #[test]
+    fn snapshot_and_merge() {
+        let stats = WorkerStats::default();
+        stats.requests.add(3);
+        stats.count_drop(DropReason::BadHash);
+        stats.count_drop(DropReason::BadHash);
+        let mut total = stats.snapshot();
+        total.merge(&stats.snapshot());
+        assert_eq!(total.requests, 6);
+        assert_eq!(total.drops(DropReason::BadHash), 4);
+        assert_eq!(total.total_drops(), 4);
+    }
+}

@@ -1,0 +1,292 @@
+//! The audited unsafe corner: batched datagram syscalls (recvmmsg/sendmmsg) over preallocated
+//! buffers, CPU pinning and real-time scheduling. Everything else in the crate is safe code.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::mem;
+use std::os::fd::RawFd;
+
+use crate::spec::CpuId;
+
+/// Preallocated buffers, addresses and headers for one batch of datagrams on one worker.
+///
+/// All pointers inside the headers point into boxed slices owned by this struct, which are never
+/// reallocated, so the struct can move freely while the pointers stay valid.
+pub struct MmsgBatch {
+    slot_size: usize,
+    data: Box<[u8]>,
+    addrs: Box<[libc::sockaddr_storage]>,
+    recv_iov: Box<[libc::iovec]>,
+    recv_hdrs: Box<[libc::mmsghdr]>,
+    send_iov: Box<[libc::iovec]>,
+    send_hdrs: Box<[libc::mmsghdr]>,
+    /// For each slot: bytes received and whether the datagram was cut (MSG_TRUNC).
+    received: Box<[(usize, bool)]>,
+}
+
+// SAFETY: the raw pointers in the headers only point into the struct's own boxed slices; moving the
+// struct to another thread moves their owner with them.
+unsafe impl Send for MmsgBatch {}
+
+impl MmsgBatch {
+    pub fn new(slots: usize, slot_size: usize) -> MmsgBatch {
+        // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C structs for which all-zero bytes is
+        // a valid value.
+        let zeroed_addr: libc::sockaddr_storage = unsafe { mem::zeroed() };
+        let zeroed_hdr: libc::mmsghdr = unsafe { mem::zeroed() };
+        let empty_iov = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        let mut batch = MmsgBatch {
+            slot_size,
+            data: vec![0u8; slots * slot_size].into_boxed_slice(),
+            addrs: vec![zeroed_addr; slots].into_boxed_slice(),
+            recv_iov: vec![empty_iov; slots].into_boxed_slice(),
+            recv_hdrs: vec![zeroed_hdr; slots].into_boxed_slice(),
+            send_iov: vec![empty_iov; slots].into_boxed_slice(),
+            send_hdrs: vec![zeroed_hdr; slots].into_boxed_slice(),
+            received: vec![(0, false); slots].into_boxed_slice(),
+        };
+        let data = batch.data.as_mut_ptr();
+        for i in 0..slots {
+            // SAFETY: i * slot_size is within the data allocation of slots * slot_size bytes.
+            batch.recv_iov[i].iov_base = unsafe { data.add(i * slot_size) }.cast();
+            batch.recv_iov[i].iov_len = slot_size;
+        }
+        batch
+    }
+
+    pub fn slots(&self) -> usize {
+        self.received.len()
+    }
+
+    /// Receives up to `slots()` datagrams without blocking. Returns how many arrived (0 when none).
+    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        let n_slots = self.slots();
+        for i in 0..n_slots {
+            let hdr = &mut self.recv_hdrs[i].msg_hdr;
+            hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            hdr.msg_iov = &mut self.recv_iov[i];
+            hdr.msg_iovlen = 1;
+            hdr.msg_control = std::ptr::null_mut();
+            hdr.msg_controllen = 0;
+            hdr.msg_flags = 0;
+        }
+        // SAFETY: every header points at a live sockaddr_storage and a live iovec of slot_size bytes
+        // inside self; the kernel writes at most those lengths. n_slots is the headers' length.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.recv_hdrs.as_mut_ptr(),
+                n_slots as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return match err.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+                _ => Err(err),
+            };
+        }
+        let n = n as usize;
+        for i in 0..n {
+            let hdr = &self.recv_hdrs[i];
+            let truncated = hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+            self.received[i] = ((hdr.msg_len as usize).min(self.slot_size), truncated);
+        }
+        Ok(n)
+    }
+
+    /// Slot `i` of the last receive: its bytes (mutable, replies are written in place) and whether the
+    /// kernel cut the datagram because it was longer than a slot.
+    pub fn datagram(&mut self, i: usize) -> (&mut [u8], bool) {
+        let (len, truncated) = self.received[i];
+        let start = i * self.slot_size;
+        (&mut self.data[start..start + len], truncated)
+    }
+
+    /// Sends replies in place: `replies` lists (slot, reply length) pairs; each goes back to the
+    /// address slot `slot` came from. Retries short batches; a reply the kernel refuses with an error
+    /// other than would-block is skipped. Returns (sent, sent bytes, refused).
+    pub fn send(&mut self, fd: RawFd, replies: &[(u16, u16)]) -> (usize, usize, usize) {
+        let n = replies.len().min(self.slots());
+        let data = self.data.as_mut_ptr();
+        for (k, &(slot, len)) in replies[..n].iter().enumerate() {
+            let slot = slot as usize;
+            // SAFETY: slot < slots (it came from a receive), so the offset is inside data.
+            self.send_iov[k].iov_base = unsafe { data.add(slot * self.slot_size) }.cast();
+            self.send_iov[k].iov_len = len as usize;
+            let hdr = &mut self.send_hdrs[k].msg_hdr;
+            hdr.msg_name = (&mut self.addrs[slot] as *mut libc::sockaddr_storage).cast();
+            hdr.msg_namelen = self.recv_hdrs[slot].msg_hdr.msg_namelen;
+            hdr.msg_iov = &mut self.send_iov[k];
+            hdr.msg_iovlen = 1;
+            hdr.msg_control = std::ptr::null_mut();
+            hdr.msg_controllen = 0;
+            hdr.msg_flags = 0;
+        }
+        let (mut sent, mut bytes, mut refused) = (0usize, 0usize, 0usize);
+        let mut start = 0;
+        let mut would_block_rounds = 0;
+        while start < n {
+            // SAFETY: headers start..n are initialised above and point into self's live buffers.
+            let r = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    self.send_hdrs[start..].as_mut_ptr(),
+                    (n - start) as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if r > 0 {
+                let r = r as usize;
+                for k in start..start + r {
+                    bytes += self.send_iov[k].iov_len;
+                }
+                sent += r;
+                start += r;
+                continue;
+            }
+            let err = io::Error::last_os_error();
+            match err.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock if would_block_rounds < 100 => {
+                    // The socket's send buffer is full: wait for room rather than lose a reply.
+                    would_block_rounds += 1;
+                    wait_writable(fd, 10);
+                }
+                _ => {
+                    // This datagram is refused (unreachable address, buffer still full): skip it.
+                    refused += 1;
+                    start += 1;
+                }
+            }
+        }
+        (sent, bytes, refused)
+    }
+}
+
+fn wait_writable(fd: RawFd, timeout_ms: i32) {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd on the stack, count 1.
+    unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread and every thread it spawns afterwards, so they
+/// are taken only by [`wait_for_stop_signal`].
+pub fn block_stop_signals() -> io::Result<()> {
+    stop_signals().thread_block()?;
+    Ok(())
+}
+
+fn stop_signals() -> nix::sys::signal::SigSet {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGINT);
+    set.add(nix::sys::signal::Signal::SIGTERM);
+    set
+}
+
+/// Waits up to `timeout` for SIGINT or SIGTERM (blocked beforehand); returns the signal number.
+pub fn wait_for_stop_signal(timeout: std::time::Duration) -> Option<i32> {
+    let set = stop_signals();
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: set is a valid sigset_t, the info pointer may be null, ts is a valid timespec.
+    let r = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) };
+    (r > 0).then_some(r)
+}
+
+/// The CPUs this process may run on.
+pub fn allowed_cpus() -> io::Result<Vec<CpuId>> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))?;
+    Ok((0..nix::sched::CpuSet::count())
+        .filter(|&i| set.is_set(i).unwrap_or(false))
+        .map(CpuId)
+        .collect())
+}
+
+/// Pins the calling thread to one CPU.
+pub fn pin_current_thread(cpu: CpuId) -> io::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu.0)
+        .map_err(|_| io::Error::other(format!("CPU {cpu} is beyond the kernel's CPU set size")))?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+    Ok(())
+}
+
+/// Switches the calling thread to SCHED_FIFO at `priority` (1..=99).
+pub fn set_fifo_priority(priority: i32) -> io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: pid 0 is the calling thread; param is a valid sched_param on the stack.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Locks all current and future pages in memory.
+pub fn lock_all_memory() -> io::Result<()> {
+    nix::sys::mman::mlockall(
+        nix::sys::mman::MlockAllFlags::MCL_CURRENT | nix::sys::mman::MlockAllFlags::MCL_FUTURE,
+    )?;
+    Ok(())
+}
+
+/// Raises the soft limit of open files to the hard limit; returns the new soft limit.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    Ok(hard)
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use std::net::UdpSocket;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn batch_receives_and_replies_in_place() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.connect(server.local_addr().unwrap()).unwrap();
+        client.send(b"hello").unwrap();
+        client.send(&[7u8; 40]).unwrap();
+        let mut batch = MmsgBatch::new(4, 32);
+        let mut n = 0;
+        for _ in 0..100 {
+            n += batch.recv(server.as_raw_fd()).unwrap();
+            if n == 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(n, 2);
+        let (first, cut) = batch.datagram(0);
+        assert_eq!((&*first, cut), (&b"hello"[..], false));
+        first.copy_from_slice(b"HELLO");
+        let (second, cut) = batch.datagram(1);
+        assert_eq!((second.len(), cut), (32, true));
+        assert_eq!(batch.send(server.as_raw_fd(), &[(0, 5)]), (1, 5, 0));
+        let mut buf = [0u8; 16];
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let got = client.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..got], b"HELLO");
+    }
+}
