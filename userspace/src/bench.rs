@@ -966,8 +966,7 @@ mod test {
         assert!(text.contains("#[Max     ="));
         let last_data = text
             .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .next_back()
+            .rfind(|l| !l.starts_with('#') && !l.trim().is_empty())
             .unwrap();
         let cols: Vec<&str> = last_data.split_whitespace().collect();
         assert_eq!(cols[2], "1000");
