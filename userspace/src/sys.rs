@@ -61,8 +61,10 @@ impl MmsgBatch {
         self.received.len()
     }
 
-    /// Receives up to `slots()` datagrams without blocking. Returns how many arrived (0 when none).
-    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+    /// Receives up to `slots()` datagrams. Without `wait` it never blocks; with `wait` (on a blocking
+    /// socket) it sleeps until the first datagram or the socket's receive timeout, then takes what
+    /// else is queued without blocking (MSG_WAITFORONE). Returns how many arrived (0 when none).
+    pub fn recv(&mut self, fd: RawFd, wait: bool) -> io::Result<usize> {
         let n_slots = self.slots();
         for i in 0..n_slots {
             let hdr = &mut self.recv_hdrs[i].msg_hdr;
@@ -81,7 +83,11 @@ impl MmsgBatch {
                 fd,
                 self.recv_hdrs.as_mut_ptr(),
                 n_slots as libc::c_uint,
-                libc::MSG_DONTWAIT,
+                if wait {
+                    libc::MSG_WAITFORONE
+                } else {
+                    libc::MSG_DONTWAIT
+                },
                 std::ptr::null_mut(),
             )
         };
@@ -269,7 +275,7 @@ mod test {
         let mut batch = MmsgBatch::new(4, 32);
         let mut n = 0;
         for _ in 0..100 {
-            n += batch.recv(server.as_raw_fd()).unwrap();
+            n += batch.recv(server.as_raw_fd(), false).unwrap();
             if n == 2 {
                 break;
             }

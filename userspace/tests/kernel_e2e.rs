@@ -397,6 +397,14 @@ fn sockperf_client_reports_no_drops() {
             received > 100,
             "{poll}: sockperf measured too little: {text}"
         );
+        // A lone UDP listener in block mode sleeps in recvmmsg: SIGTERM must still stop it promptly.
+        let (ok, output) = server.terminate();
+        assert!(ok, "{output}");
+        assert_eq!(
+            total_field(&output, "requests"),
+            total_field(&output, "replies")
+        );
+        assert!(total_field(&output, "replies") >= received);
     }
 }
 

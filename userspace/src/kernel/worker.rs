@@ -37,6 +37,8 @@ const MAX_BATCHES_PER_TURN: usize = 16;
 /// Bytes read from a stream connection at once.
 const STREAM_READ: usize = 64 * 1024;
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
+/// How often a worker sleeping in recvmmsg looks at the stop flag.
+const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Tuning shared by all workers.
 #[derive(Debug, Clone, Copy)]
@@ -144,12 +146,24 @@ impl Worker {
             epoll.add(fd, EpollEvent::new(flags, TOKEN_LISTENER + i as u64))?;
         }
         let has_streams = !self.listeners.is_empty();
+        // A blocking worker with one UDP socket and nothing else sleeps in recvmmsg itself: one
+        // syscall per wake-up instead of epoll_wait plus recvmmsg. The receive timeout bounds how
+        // long it takes to notice the stop flag.
+        let direct_wait = !spin && !has_streams && self.udp.len() == 1;
+        if direct_wait {
+            self.udp[0].1.set_nonblocking(false)?;
+            self.udp[0].1.set_read_timeout(Some(STOP_CHECK_INTERVAL))?;
+            while !self.stop.load(Ordering::Relaxed) {
+                self.serve_udp(0, true);
+            }
+            self.udp[0].1.set_nonblocking(true)?;
+        }
         let mut events = vec![EpollEvent::empty(); 256];
 
         while !self.stop.load(Ordering::Relaxed) {
             if spin {
                 for i in 0..self.udp.len() {
-                    self.serve_udp(i);
+                    self.serve_udp(i, false);
                 }
                 if !has_streams {
                     continue;
@@ -180,7 +194,7 @@ impl Worker {
         }
         self.listeners.clear();
         for i in 0..self.udp.len() {
-            self.serve_udp(i);
+            self.serve_udp(i, false);
         }
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
@@ -197,7 +211,7 @@ impl Worker {
         if token == TOKEN_WAKE {
             let _ = self.wake.read();
         } else if token < TOKEN_LISTENER {
-            self.serve_udp((token - TOKEN_UDP) as usize);
+            self.serve_udp((token - TOKEN_UDP) as usize, false);
         } else if token < TOKEN_CONN {
             self.accept(epoll, (token - TOKEN_LISTENER) as usize);
         } else {
@@ -212,11 +226,11 @@ impl Worker {
     }
 
     /// Receives batches from one UDP socket and answers them with one counter add per batch.
-    fn serve_udp(&mut self, index: usize) {
+    fn serve_udp(&mut self, index: usize, wait: bool) {
         let (protocol, ref socket) = self.udp[index];
         let fd = socket.as_raw_fd();
-        for _ in 0..MAX_BATCHES_PER_TURN {
-            let n = match self.mmsg.recv(fd) {
+        for turn in 0..MAX_BATCHES_PER_TURN {
+            let n = match self.mmsg.recv(fd, wait && turn == 0) {
                 Ok(0) => return,
                 Ok(n) => n,
                 Err(e) => {
