@@ -11,8 +11,9 @@ set -euo pipefail
 
 usage() {
     cat <<'EOF'
-usage: sudo bench/latency.sh [--quick] [--duration SECONDS] [--connections N] [--out DIR]
-  --quick          short runs for CI (1 s each, 2,000 idle connections)
+usage: sudo bench/latency.sh [--quick] [--duration SECONDS] [--rounds N] [--connections N] [--out DIR]
+  --quick          short runs for CI (1 s each, one round, 2,000 idle connections)
+  --rounds N       latency rounds, alternating which server runs first (default 3)
   --duration S     seconds per latency and throughput run (default 5)
   --connections N  idle TCP connections for the memory run (default 100000)
   --out DIR        results directory (default bench/results/<UTC date>)
@@ -20,12 +21,14 @@ EOF
 }
 
 DURATION=5
+ROUNDS=3
 IDLE_CONNS=100000
 QUICK=0
 OUT=""
 while [ $# -gt 0 ]; do
     case "$1" in
-        --quick) QUICK=1; DURATION=1; IDLE_CONNS=2000 ;;
+        --quick) QUICK=1; DURATION=1; ROUNDS=1; IDLE_CONNS=2000 ;;
+        --rounds) ROUNDS="${2:?--rounds needs a number}"; shift ;;
         --duration) DURATION="${2:?--duration needs seconds}"; shift ;;
         --connections) IDLE_CONNS="${2:?--connections needs a number}"; shift ;;
         --out) OUT="${2:?--out needs a directory}"; shift ;;
@@ -70,7 +73,7 @@ COMMANDS="$OUT/commands.txt"
 : >"$INDEX"
 {
     echo "# bench/latency.sh $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    echo "# duration per run: ${DURATION}s; quick=$QUICK"
+    echo "# duration per run: ${DURATION}s; latency rounds: $ROUNDS; quick=$QUICK"
 } >"$COMMANDS"
 
 # The server gets the last CPU, the client the first, so they never share a core.
@@ -144,22 +147,35 @@ bench_client() { # bench_client NAME KIND SPEC "BENCH ARGS" key=value...
     record "$kind" "$name.json" client=ricochet-bench "$@"
 }
 
-echo "== (a) ping-pong latency: sockperf's server vs ricochet's sockperf listener (${DURATION}s per run)"
+echo "== (a) ping-pong latency: sockperf's server vs ricochet's sockperf listener ($ROUNDS rounds of ${DURATION}s runs)"
+# Rounds alternate which server goes first, so drift on the VM hits both alike; the report takes the
+# median of each statistic over the rounds.
 port=$PORT_BASE
-for poll in block spin; do
-    port=$((port + 1))
-    extra=()
+latency_sockperf_server() { # ROUND POLL
+    local round="$1" poll="$2" extra=()
     [ "$poll" = spin ] && extra=(--nonblocked)
-    start_sockperf_server "sockperf-server-$poll" "$port" "${extra[@]}"
-    sockperf_client "lat-sockperf-$poll-sockperf" "$port" server=sockperf poll="$poll"
-    bench_client "lat-sockperf-$poll-bench" latency "sockperf+udp://127.0.0.1:$port" "--duration ${DURATION}s --warmup 200ms" server=sockperf poll="$poll"
-    stop_server
-
     port=$((port + 1))
-    start_ricochet "ricochet-sockperf-$poll" --listen "sockperf+udp://127.0.0.1:$port" --cpus "$SERVER_CPU" --poll "$poll"
-    sockperf_client "lat-ricochet-$poll-sockperf" "$port" server=ricochet poll="$poll"
-    bench_client "lat-ricochet-$poll-bench" latency "sockperf+udp://127.0.0.1:$port" "--duration ${DURATION}s --warmup 200ms" server=ricochet poll="$poll"
+    start_sockperf_server "sockperf-server-$poll-r$round" "$port" "${extra[@]}"
+    sockperf_client "lat-sockperf-$poll-sockperf-r$round" "$port" server=sockperf poll="$poll" round="$round"
+    bench_client "lat-sockperf-$poll-bench-r$round" latency "sockperf+udp://127.0.0.1:$port" "--duration ${DURATION}s --warmup 200ms" server=sockperf poll="$poll" round="$round"
     stop_server
+}
+latency_ricochet() { # ROUND POLL
+    local round="$1" poll="$2"
+    port=$((port + 1))
+    start_ricochet "ricochet-sockperf-$poll-r$round" --listen "sockperf+udp://127.0.0.1:$port" --cpus "$SERVER_CPU" --poll "$poll"
+    sockperf_client "lat-ricochet-$poll-sockperf-r$round" "$port" server=ricochet poll="$poll" round="$round"
+    bench_client "lat-ricochet-$poll-bench-r$round" latency "sockperf+udp://127.0.0.1:$port" "--duration ${DURATION}s --warmup 200ms" server=ricochet poll="$poll" round="$round"
+    stop_server
+}
+for round in $(seq "$ROUNDS"); do
+    for poll in block spin; do
+        if [ $((round % 2)) = 1 ]; then
+            latency_sockperf_server "$round" "$poll"; latency_ricochet "$round" "$poll"
+        else
+            latency_ricochet "$round" "$poll"; latency_sockperf_server "$round" "$poll"
+        fi
+    done
 done
 
 echo "== (b) counter throughput with the bench client"

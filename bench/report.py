@@ -58,17 +58,32 @@ def fmt(x):
     return "%.1f" % x if x < 1000 else "%.0f" % x
 
 
+def median(values):
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
 def latency_table(runs):
-    lat = [r for r in runs if r["kind"] == "latency"]
-    ref = {(r["poll"], r["client"]): r["result"]["latency_us"] for r in lat if r["server"] == "sockperf"}
-    rows = ["| server | poll | client | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | replies/s | lost | p50 ratio | p99 ratio |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(lat, key=lambda r: (r["poll"], r["client"], r["server"] != "sockperf")):
-        l, res = r["result"]["latency_us"], r["result"]
-        base = ref.get((r["poll"], r["client"]))
+    """Median over rounds of each statistic, per (server, poll, client)."""
+    groups = {}
+    for r in runs:
+        if r["kind"] == "latency":
+            groups.setdefault((r["server"], r["poll"], r["client"]), []).append(r["result"])
+    med = {}
+    for key, results in groups.items():
+        lat = {k: median([x["latency_us"][k] for x in results]) for k in ["p50", "p90", "p99", "p99.9", "max"]}
+        med[key] = {"latency_us": lat, "throughput_rps": median([x["throughput_rps"] for x in results]),
+                    "lost": sum(x["lost"] for x in results), "rounds": len(results)}
+    rows = ["| server | poll | client | rounds | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | replies/s | lost | p50 ratio | p99 ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (server, poll, client) in sorted(med, key=lambda k: (k[1], k[2], k[0] != "sockperf")):
+        res = med[(server, poll, client)]
+        l = res["latency_us"]
+        base = med.get(("sockperf", poll, client), {}).get("latency_us")
         ratio = lambda k: "%.2f" % (l[k] / base[k]) if base and base[k] > 0 else "–"
-        rows.append("| %s | %s | %s | %s | %s | %s | %s | %s | %.0f | %d | %s | %s |" % (
-            "sockperf server" if r["server"] == "sockperf" else "ricochet", r["poll"], r["client"],
+        rows.append("| %s | %s | %s | %d | %s | %s | %s | %s | %s | %.0f | %d | %s | %s |" % (
+            "sockperf server" if server == "sockperf" else "ricochet", poll, client, res["rounds"],
             fmt(l["p50"]), fmt(l["p90"]), fmt(l["p99"]), fmt(l["p99.9"]), fmt(l["max"]),
             res["throughput_rps"], res["lost"], ratio("p50"), ratio("p99")))
     return "\n".join(rows)
@@ -134,7 +149,7 @@ def main():
         "",
         "## Ping-pong round trip (sockperf protocol, UDP, one request in flight)",
         "",
-        "Ratios are ricochet / sockperf's own server in the same poll mode with the same client (below 1 is better).",
+        "Each figure is the median over alternating rounds; ratios are ricochet / sockperf's own server in the same poll mode with the same client (below 1 is better). sockperf runs with --full-rtt, so every figure is a round trip.",
         "",
         latency_table(runs),
         "",
