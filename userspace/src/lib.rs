@@ -6,6 +6,7 @@
 //! datapath ([`kernel`]) and the commands ([`serve`], [`bench`]). Unsafe code lives in [`sys`] only.
 #![deny(unsafe_code)]
 
+pub mod afxdp;
 pub mod bench;
 pub mod core;
 pub mod kernel;
@@ -14,3 +15,4 @@ pub mod spec;
 pub mod stats;
 pub mod sys;
 pub mod wire;
+pub mod xdp;

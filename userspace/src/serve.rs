@@ -8,11 +8,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::core::{Counter, LocalCounter};
+use crate::afxdp::{self, SocketParams, ZeroCopy};
+use crate::core::{Counter, LocalCounter, Protocol};
 use crate::kernel::{self, PollMode, Scheduling, WorkerConfig};
-use crate::spec::{CpuId, CpuList, ListenSpec};
+use crate::spec::{CpuId, CpuList, ListenSpec, Transport};
 use crate::stats::StatsSnapshot;
 use crate::sys;
+use crate::xdp::maps::XdpStat;
+use crate::xdp::XdpAttachMode;
 
 /// Which datapath answers requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -20,6 +23,9 @@ use crate::sys;
 pub enum Mode {
     /// Ordinary sockets (UDP, TCP, Unix) served by pinned worker threads.
     Kernel,
+    /// An XDP program steers UDP listener frames into AF_XDP sockets; pinned workers answer in UMEM.
+    /// The kernel path keeps serving loopback, TCP, Unix and queues without a socket.
+    Afxdp,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -60,6 +66,67 @@ pub struct ServeArgs {
     /// Largest datagram accepted, in bytes; longer ones are dropped and counted as oversize.
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u16).range(64..))]
     pub max_datagram: u16,
+
+    /// Network interface for the afxdp mode.
+    #[arg(long, value_name = "IF")]
+    pub iface: Option<String>,
+
+    /// RX queues to open an AF_XDP socket on (0-3,6); default every queue of the interface.
+    #[arg(long, value_name = "LIST")]
+    pub queues: Option<CpuList>,
+
+    /// Where the XDP program runs: native (driver), generic (kernel), or auto (native, then generic).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub xdp_mode: XdpAttachMode,
+
+    /// AF_XDP zero-copy: on, off, or auto (try zero-copy, fall back to copy mode).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub zero_copy: ZeroCopy,
+
+    /// UMEM frame size in bytes (2048 or 4096).
+    #[arg(long, default_value_t = 2048, value_parser = parse_frame_size)]
+    pub frame_size: u32,
+
+    /// UMEM frames per AF_XDP socket.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(64..=1 << 20))]
+    pub frame_count: u32,
+
+    /// Entries in each AF_XDP ring (fill, completion, RX, TX); a power of two.
+    #[arg(long, default_value_t = 1024, value_parser = parse_ring_size)]
+    pub ring_size: u32,
+
+    /// Put the UMEM on huge pages (reserve them first: /proc/sys/vm/nr_hugepages).
+    #[arg(long)]
+    pub huge_pages: bool,
+
+    /// SO_BUSY_POLL microseconds (with SO_PREFER_BUSY_POLL) on the AF_XDP sockets; effective on
+    /// real NICs, accepted but without effect on veth.
+    #[arg(long, value_name = "USECS")]
+    pub busy_poll: Option<u32>,
+
+    /// SO_BUSY_POLL_BUDGET: packets per busy poll (needs --busy-poll).
+    #[arg(long, value_name = "N", requires = "busy_poll")]
+    pub busy_poll_budget: Option<u32>,
+
+    /// Replace an XDP program someone else attached to the interface.
+    #[arg(long)]
+    pub force: bool,
+}
+
+fn parse_frame_size(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n @ (2048 | 4096)) => Ok(n),
+        _ => Err(format!("frame size '{s}' is not 2048 or 4096")),
+    }
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n.is_power_of_two() && (64..=16384).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "ring size '{s}' is not a power of two between 64 and 16384"
+        )),
+    }
 }
 
 /// Resolves `--cpus` against the CPUs this process may use.
@@ -77,8 +144,40 @@ pub fn resolve_cpus(requested: Option<&CpuList>) -> Result<Vec<CpuId>> {
     Ok(requested.0.clone())
 }
 
+fn poll_name(poll: PollMode) -> &'static str {
+    match poll {
+        PollMode::Spin => "spin",
+        PollMode::Block => "block",
+    }
+}
+
 pub fn run(args: ServeArgs) -> Result<()> {
     let cpus = resolve_cpus(args.cpus.as_ref())?;
+    let udp_listeners: Vec<(std::net::SocketAddr, Protocol)> = args
+        .listen
+        .iter()
+        .filter_map(|spec| match spec.transport {
+            Transport::Udp(addr) => Some((addr, spec.protocol)),
+            _ => None,
+        })
+        .collect();
+    match (args.mode, &args.iface) {
+        (Mode::Kernel, Some(_)) => {
+            bail!("--iface applies to --mode afxdp only: drop it, or add --mode afxdp")
+        }
+        (Mode::Afxdp, None) => {
+            bail!("--mode afxdp needs --iface IF: the interface whose queues to serve")
+        }
+        (Mode::Afxdp, Some(_)) if udp_listeners.is_empty() => {
+            bail!("--mode afxdp serves UDP listeners: add --listen udp://ADDR:PORT")
+        }
+        (Mode::Afxdp, Some(_)) if udp_listeners.iter().any(|(a, _)| a.port() == 0) => {
+            bail!(
+                "--mode afxdp needs fixed UDP ports (the XDP program matches them): replace port 0"
+            )
+        }
+        _ => {}
+    }
     if args.mlock {
         sys::lock_all_memory().context(
             "--mlock failed: mlockall needs root, CAP_IPC_LOCK or a large enough 'ulimit -l'",
@@ -88,9 +187,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let _ = sys::raise_fd_limit();
     sys::block_stop_signals().context("cannot block SIGINT/SIGTERM")?;
 
-    let poll = args.poll.unwrap_or(PollMode::Block);
+    // afxdp workers spin by default; the kernel path blocks unless told otherwise (in afxdp mode it
+    // is only the fallback, so it always blocks).
+    let poll = args.poll.unwrap_or(match args.mode {
+        Mode::Kernel => PollMode::Block,
+        Mode::Afxdp => PollMode::Spin,
+    });
+    let kernel_poll = if args.mode == Mode::Kernel {
+        poll
+    } else {
+        PollMode::Block
+    };
     let config = WorkerConfig {
-        poll,
+        poll: kernel_poll,
         batch: args.batch as usize,
         max_datagram: args.max_datagram as usize,
     };
@@ -108,20 +217,78 @@ pub fn run(args: ServeArgs) -> Result<()> {
         stop.clone(),
     )?;
 
+    let bypass = match (args.mode, &args.iface) {
+        (Mode::Afxdp, Some(iface)) => {
+            let queues: Vec<u32> = match &args.queues {
+                Some(list) => list.0.iter().map(|q| q.0 as u32).collect(),
+                None => (0..afxdp::rx_queue_count(iface)?).collect(),
+            };
+            let params = SocketParams {
+                iface: iface.clone(),
+                frame_size: args.frame_size,
+                frame_count: args.frame_count,
+                ring_size: args.ring_size,
+                zero_copy: args.zero_copy,
+                huge_pages: args.huge_pages,
+                busy_poll_usecs: args.busy_poll,
+                busy_poll_budget: args.busy_poll_budget,
+                poll,
+                batch: args.batch as u32,
+            };
+            let started = afxdp::start(
+                &params,
+                &udp_listeners,
+                &queues,
+                &cpus,
+                args.xdp_mode,
+                args.force,
+                counter.clone(),
+                stop.clone(),
+            );
+            match started {
+                Ok(datapath) => Some(datapath),
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    for worker in &workers {
+                        let _ = worker.wake.write(1);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        _ => None,
+    };
+
     let mut out = std::io::stdout().lock();
     for spec in &bound {
         writeln!(out, "listening {spec}")?;
     }
-    writeln!(
-        out,
-        "ready mode=kernel workers={} cpus={} poll={}",
-        workers.len(),
-        CpuList(cpus.clone()),
-        match poll {
-            PollMode::Spin => "spin",
-            PollMode::Block => "block",
+    match &bypass {
+        None => writeln!(
+            out,
+            "ready mode=kernel workers={} cpus={} poll={}",
+            workers.len(),
+            CpuList(cpus.clone()),
+            poll_name(poll)
+        )?,
+        Some(dp) => {
+            let queues: Vec<String> = dp
+                .workers
+                .iter()
+                .map(|w| format!("{}@cpu{}", w.queue, w.cpu))
+                .collect();
+            writeln!(
+                out,
+                "ready mode=afxdp iface={} xdp={} zero_copy={} queues={} poll={} kernel_workers={} kernel_poll=block",
+                args.iface.as_deref().unwrap_or_default(),
+                dp.attached,
+                if dp.zero_copy { "on" } else { "off" },
+                queues.join(","),
+                poll_name(poll),
+                workers.len()
+            )?
         }
-    )?;
+    }
     out.flush()?;
     drop(out);
 
@@ -131,7 +298,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
             tracing::info!("signal {signal} received, stopping");
             break;
         }
-        if workers.iter().any(|w| w.handle.is_finished()) {
+        let bypass_died = bypass
+            .as_ref()
+            .is_some_and(|dp| dp.workers.iter().any(|w| w.handle.is_finished()));
+        if workers.iter().any(|w| w.handle.is_finished()) || bypass_died {
             failure = Some("a worker stopped unexpectedly");
             break;
         }
@@ -153,6 +323,39 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let snapshot = worker.stats.snapshot();
         total.merge(&snapshot);
         lines.push(format!("worker {index} cpu={} {snapshot}", worker.cpu));
+    }
+    if let Some(dp) = bypass {
+        for worker in dp.workers {
+            let xsk = match worker.handle.join() {
+                Ok(Ok(xsk)) => xsk.to_string(),
+                Ok(Err(e)) => {
+                    errors.push(format!("queue {}: {e:#}", worker.queue));
+                    "xsk unavailable".to_string()
+                }
+                Err(_) => {
+                    errors.push(format!("queue {} worker panicked", worker.queue));
+                    "xsk unavailable".to_string()
+                }
+            };
+            let snapshot = worker.stats.snapshot();
+            total.merge(&snapshot);
+            lines.push(format!(
+                "afxdp queue={} cpu={} {snapshot} {xsk}",
+                worker.queue, worker.cpu
+            ));
+        }
+        match dp.program.stats() {
+            Ok(stats) => {
+                let fields: Vec<String> = XdpStat::ALL
+                    .iter()
+                    .map(|s| format!("{}={}", s.as_str(), stats[*s as usize]))
+                    .collect();
+                lines.push(format!("xdp {}", fields.join(" ")));
+            }
+            Err(e) => errors.push(format!("cannot read the XDP program's statistics: {e:#}")),
+        }
+        // Dropping the program closes its BPF link: the interface is left as it was.
+        drop(dp.program);
     }
     let mut out = std::io::stdout().lock();
     writeln!(out, "final counter={}", counter.load())?;

@@ -176,6 +176,46 @@ impl MmsgBatch {
     }
 }
 
+/// Sleeps until `fd` is readable or `timeout_ms` passes.
+pub fn wait_readable(fd: RawFd, timeout_ms: i32) {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd on the stack, count 1.
+    unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+}
+
+/// Enables socket busy polling: SO_PREFER_BUSY_POLL, SO_BUSY_POLL (microseconds) and, when given,
+/// SO_BUSY_POLL_BUDGET (packets per poll). Minimum kernel 5.11 for the last two.
+pub fn set_busy_poll(fd: RawFd, usecs: u32, budget: Option<u32>) -> io::Result<()> {
+    const SO_PREFER_BUSY_POLL: libc::c_int = 69;
+    const SO_BUSY_POLL_BUDGET: libc::c_int = 70;
+    let set = |opt: libc::c_int, value: libc::c_int| -> io::Result<()> {
+        // SAFETY: value is a live c_int on the stack and its exact size is passed.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&value as *const libc::c_int).cast(),
+                mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    set(SO_PREFER_BUSY_POLL, 1)?;
+    set(libc::SO_BUSY_POLL, usecs as libc::c_int)?;
+    if let Some(budget) = budget {
+        set(SO_BUSY_POLL_BUDGET, budget as libc::c_int)?;
+    }
+    Ok(())
+}
+
 fn wait_writable(fd: RawFd, timeout_ms: i32) {
     let mut pfd = libc::pollfd {
         fd,

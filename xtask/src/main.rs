@@ -1,5 +1,8 @@
 //! `cargo xtask`: what cargo alone cannot express. `test` installs the system tools the tests need
-//! (as root) and runs the whole test suite.
+//! (as root) and runs the whole test suite; `lab` builds and removes the veth lab.
+//!
+//! xtask deliberately does not depend on the ricochet crate: ricochet's build script needs clang,
+//! which `cargo xtask test` may first have to install.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -8,18 +11,30 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context, Result};
 
 /// System tools the test suite runs, with the Debian package that provides each.
-const TEST_TOOLS: &[(&str, &str)] = &[("sockperf", "sockperf"), ("ip", "iproute2")];
+/// A tool is a command on PATH or, for headers, an absolute path.
+const TEST_TOOLS: &[(&str, &str)] = &[
+    ("sockperf", "sockperf"),
+    ("ip", "iproute2"),
+    ("clang", "clang"),
+    ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
+    ("ethtool", "ethtool"),
+];
 
 const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
-  test [ARGS...]   install missing test tools (as root) and run the whole test suite;
-                   ARGS go to cargo test (e.g. -- --nocapture)";
+  test [ARGS...]        install missing test tools (as root) and run the whole test suite;
+                        ARGS go to cargo test (e.g. -- --nocapture)
+  lab up [--queues N]   two network namespaces joined by a veth pair with N queues (default 2):
+                        ricochet-srv (veth-srv, 198.18.0.1/30) and ricochet-cli (veth-cli,
+                        198.18.0.2/30), no default route; idempotent
+  lab down              remove the lab";
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
+        Some("lab") => lab(&args[1..]),
         Some("help" | "-h" | "--help") | None => {
             println!("{USAGE}");
             Ok(())
@@ -51,6 +66,9 @@ fn is_root() -> bool {
 }
 
 fn have(tool: &str) -> bool {
+    if tool.starts_with('/') {
+        return Path::new(tool).exists();
+    }
     Command::new("sh")
         .args(["-c", &format!("command -v {tool} >/dev/null 2>&1")])
         .status()
@@ -102,4 +120,147 @@ fn test(extra: &[String]) -> Result<()> {
     // Every tool is installed now, so a test must not skip for a missing one.
     cmd.env("RICOCHET_REQUIRE_TOOLS", "1");
     run(&mut cmd).context("tests failed")
+}
+
+const SERVER_NS: &str = "ricochet-srv";
+const CLIENT_NS: &str = "ricochet-cli";
+const SERVER_IF: &str = "veth-srv";
+const CLIENT_IF: &str = "veth-cli";
+const SERVER_ADDR: &str = "198.18.0.1";
+const CLIENT_ADDR: &str = "198.18.0.2";
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args))
+}
+
+fn lab(args: &[String]) -> Result<()> {
+    match args.first().map(String::as_str) {
+        Some("up") => {
+            let queues = match args.get(1).map(String::as_str) {
+                None => 2,
+                Some("--queues") => args
+                    .get(2)
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .filter(|n| (1..=64).contains(n))
+                    .ok_or_else(|| anyhow::anyhow!("--queues takes a number from 1 to 64"))?,
+                Some(other) => bail!("unknown argument '{other}' to lab up: use --queues N"),
+            };
+            lab_up(queues)
+        }
+        Some("down") => lab_down(),
+        _ => bail!("usage: cargo xtask lab up [--queues N] | cargo xtask lab down"),
+    }
+}
+
+fn ns_exists(name: &str) -> bool {
+    Path::new("/run/netns").join(name).exists()
+}
+
+/// The number of RX queues of an interface inside a namespace, or None if it does not exist.
+fn queues_of(ns: &str, iface: &str) -> Option<u32> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "ls",
+            &format!("/sys/class/net/{iface}/queues"),
+        ])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    Some(
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter(|e| e.starts_with("rx-"))
+            .count() as u32,
+    )
+}
+
+fn lab_up(queues: u32) -> Result<()> {
+    if !is_root() {
+        bail!("the lab needs root (network namespaces): run 'sudo cargo xtask lab up'");
+    }
+    ensure_tools(&[("ip", "iproute2")])?;
+    let current = (ns_exists(SERVER_NS) && ns_exists(CLIENT_NS))
+        .then(|| queues_of(SERVER_NS, SERVER_IF))
+        .flatten();
+    if current == Some(queues) {
+        println!("lab already up ({queues} queues)");
+    } else {
+        if current.is_some() || ns_exists(SERVER_NS) || ns_exists(CLIENT_NS) {
+            lab_down()?;
+        }
+        let q = queues.to_string();
+        ip(&["netns", "add", SERVER_NS])?;
+        ip(&["netns", "add", CLIENT_NS])?;
+        ip(&[
+            "link",
+            "add",
+            SERVER_IF,
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
+            "netns",
+            SERVER_NS,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            CLIENT_IF,
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
+            "netns",
+            CLIENT_NS,
+        ])?;
+        for (ns, iface, addr) in [
+            (SERVER_NS, SERVER_IF, SERVER_ADDR),
+            (CLIENT_NS, CLIENT_IF, CLIENT_ADDR),
+        ] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", iface])?;
+            ip(&["-n", ns, "link", "set", iface, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        println!("lab up: {queues} queues");
+    }
+    println!(
+        "  {SERVER_NS}: {SERVER_IF} {SERVER_ADDR}/30    {CLIENT_NS}: {CLIENT_IF} {CLIENT_ADDR}/30    (no default route)
+
+run a server:
+  sudo ip netns exec {SERVER_NS} target/release/ricochet serve --mode afxdp --iface {SERVER_IF} --listen udp://{SERVER_ADDR}:7777
+  sudo ip netns exec {SERVER_NS} target/release/ricochet serve --mode kernel --listen udp://{SERVER_ADDR}:7777
+run the bench:
+  sudo ip netns exec {CLIENT_NS} target/release/ricochet bench udp://{SERVER_ADDR}:7777 --duration 10s
+tear down:
+  sudo cargo xtask lab down"
+    );
+    Ok(())
+}
+
+fn lab_down() -> Result<()> {
+    if !is_root() {
+        bail!("the lab needs root: run 'sudo cargo xtask lab down'");
+    }
+    let mut removed = false;
+    for ns in [SERVER_NS, CLIENT_NS] {
+        if ns_exists(ns) {
+            // Deleting a namespace deletes its end of the veth pair, and with it the peer.
+            ip(&["netns", "del", ns])?;
+            removed = true;
+        }
+    }
+    println!(
+        "{}",
+        if removed {
+            "lab down"
+        } else {
+            "lab was not up"
+        }
+    );
+    Ok(())
 }

@@ -1,0 +1,155 @@
+//! The AF_XDP datapath: the XDP program steers frames for the UDP listeners into one AF_XDP socket
+//! per RX queue; a pinned worker per queue answers them in UMEM with the shared core.
+
+pub mod frame;
+mod umem;
+pub mod worker;
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+pub use worker::{SocketParams, XskStats, ZeroCopy};
+
+use crate::core::{Counter, Protocol};
+use crate::spec::CpuId;
+use crate::stats::WorkerStats;
+use crate::sys;
+use crate::xdp::{AttachedMode, SteeringProgram, XdpAttachMode};
+
+/// A running AF_XDP worker.
+pub struct AfXdpWorker {
+    pub queue: u32,
+    pub cpu: CpuId,
+    pub stats: Arc<WorkerStats>,
+    pub handle: JoinHandle<Result<XskStats>>,
+}
+
+/// The attached program and its workers. Dropping it detaches the program (its BPF link closes).
+pub struct AfXdpDatapath {
+    pub program: SteeringProgram,
+    pub workers: Vec<AfXdpWorker>,
+    pub attached: AttachedMode,
+    pub zero_copy: bool,
+}
+
+struct Fd(RawFd);
+
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// The RX queues an interface has (its `queues/rx-*` entries in sysfs).
+pub fn rx_queue_count(iface: &str) -> Result<u32> {
+    let dir = format!("/sys/class/net/{iface}/queues");
+    let entries = std::fs::read_dir(&dir)
+        .with_context(|| format!("no interface named '{iface}': list them with 'ip link'"))?;
+    let n = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+        .count();
+    Ok(n as u32)
+}
+
+/// Checks that every listener address is the unspecified address or one of the interface's own.
+pub fn check_listener_addresses(iface: &str, listeners: &[(SocketAddr, Protocol)]) -> Result<()> {
+    let own: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+        .context("cannot list interface addresses")?
+        .filter(|a| a.interface_name == iface)
+        .filter_map(|a| {
+            let addr = a.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .collect();
+    for (addr, _) in listeners {
+        if !addr.ip().is_unspecified() && !own.contains(&addr.ip()) {
+            let list: Vec<String> = own.iter().map(|a| a.to_string()).collect();
+            bail!(
+                "listener udp://{addr}: {} is not an address of {iface} (it has: {}); listen on one of those or on 0.0.0.0",
+                addr.ip(),
+                if list.is_empty() { "none".to_string() } else { list.join(", ") }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Loads and attaches the steering program, then starts one worker per queue, mapped to `cpus`
+/// queue by queue.
+#[allow(clippy::too_many_arguments)]
+pub fn start(
+    params: &SocketParams,
+    listeners: &[(SocketAddr, Protocol)],
+    queues: &[u32],
+    cpus: &[CpuId],
+    xdp_mode: XdpAttachMode,
+    force: bool,
+    counter: Arc<dyn Counter>,
+    stop: Arc<AtomicBool>,
+) -> Result<AfXdpDatapath> {
+    let iface = params.iface.as_str();
+    let n_queues = rx_queue_count(iface)?;
+    for &q in queues {
+        if q >= n_queues {
+            bail!(
+                "{iface} has {n_queues} RX queues (0-{}): queue {q} does not exist",
+                n_queues.saturating_sub(1)
+            );
+        }
+    }
+    check_listener_addresses(iface, listeners)?;
+    let mut program = SteeringProgram::load(listeners)?;
+    let attached = program.attach(iface, xdp_mode, force)?;
+    let protocols = Arc::new(worker::ListenerProtocols::new(listeners.to_vec()));
+
+    let mut workers = Vec::new();
+    let mut zero_copy = true;
+    for (i, &queue) in queues.iter().enumerate() {
+        let cpu = cpus[i % cpus.len()];
+        let stats = Arc::new(WorkerStats::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (params, protocols, stats2, counter, stop) = (
+            params.clone(),
+            protocols.clone(),
+            stats.clone(),
+            counter.clone(),
+            stop.clone(),
+        );
+        let handle = std::thread::Builder::new()
+            .name(format!("afxdp-q{queue}"))
+            .spawn(move || -> Result<XskStats> {
+                sys::pin_current_thread(cpu)
+                    .with_context(|| format!("cannot pin the queue {queue} worker to CPU {cpu}"))?;
+                worker::run(params, queue, protocols, stats2, counter, stop, tx)
+            })
+            .context("cannot spawn an AF_XDP worker")?;
+        let started = rx
+            .recv()
+            .map_err(|_| anyhow!("the queue {queue} worker died during start-up"))?
+            .with_context(|| format!("queue {queue}"))?;
+        zero_copy &= started.zero_copy;
+        program.register_socket(queue, Fd(started.fd))?;
+        workers.push(AfXdpWorker {
+            queue,
+            cpu,
+            stats,
+            handle,
+        });
+    }
+    Ok(AfXdpDatapath {
+        program,
+        workers,
+        attached,
+        zero_copy,
+    })
+}

@@ -1,0 +1,429 @@
+//! One AF_XDP worker: one socket bound to one RX queue, its own UMEM and rings, pinned to one CPU.
+//!
+//! Per turn it reaps TX completions, refills the fill ring, takes a batch from the RX ring, lets the
+//! core verify and answer it (one counter add per batch), turns each answered frame into its reply in
+//! place and puts the batch on the TX ring, kicking the kernel only when need_wakeup asks.
+
+use std::ffi::CString;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use xdpilone::xdp::XdpDesc;
+use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, UmemConfig, User};
+
+use super::frame::UdpFrame;
+use super::umem::UmemArea;
+use crate::core::{Batch, Counter, Protocol, Ticket};
+use crate::kernel::PollMode;
+use crate::stats::{DropReason, WorkerStats};
+use crate::sys;
+
+/// Whether to ask the driver for zero-copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ZeroCopy {
+    /// Try zero-copy, fall back to copy mode.
+    Auto,
+    /// Zero-copy or fail.
+    On,
+    /// Copy mode.
+    Off,
+}
+
+/// Sizes and behaviour of one AF_XDP socket.
+#[derive(Debug, Clone)]
+pub struct SocketParams {
+    pub iface: String,
+    pub frame_size: u32,
+    pub frame_count: u32,
+    pub ring_size: u32,
+    pub zero_copy: ZeroCopy,
+    pub huge_pages: bool,
+    pub busy_poll_usecs: Option<u32>,
+    pub busy_poll_budget: Option<u32>,
+    pub poll: PollMode,
+    pub batch: u32,
+}
+
+/// XDP_STATISTICS of one socket.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct XskStats {
+    pub rx_dropped: u64,
+    pub rx_ring_full: u64,
+    pub fill_ring_empty_descs: u64,
+    pub tx_invalid_descs: u64,
+    pub tx_ring_empty_descs: u64,
+}
+
+impl std::fmt::Display for XskStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "rx_dropped={} rx_ring_full={} fill_ring_empty_descs={} tx_invalid_descs={} tx_ring_empty_descs={}",
+            self.rx_dropped, self.rx_ring_full, self.fill_ring_empty_descs, self.tx_invalid_descs, self.tx_ring_empty_descs
+        )
+    }
+}
+
+/// An open socket with its rings. Field order is drop order: rings before the UMEM area.
+struct Rings {
+    rx: RingRx,
+    tx: RingTx,
+    device: DeviceQueue,
+    user: User,
+    _socket: Socket,
+    area: UmemArea,
+    zero_copy: bool,
+}
+
+fn errno(e: xdpilone::Errno) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.get_raw().abs())
+}
+
+fn open(params: &SocketParams, queue: u32, zero_copy: bool) -> Result<Rings> {
+    let config = UmemConfig {
+        fill_size: params.ring_size,
+        complete_size: params.ring_size,
+        frame_size: params.frame_size,
+        headroom: 0,
+        flags: 0,
+    };
+    let area = UmemArea::new(config, params.frame_count, params.huge_pages).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOBUFS) || e.raw_os_error() == Some(libc::EPERM) {
+            anyhow!(e).context("cannot register the UMEM: it needs root or CAP_IPC_LOCK (locked memory), or a smaller --frame-count")
+        } else {
+            anyhow!(e).context("cannot create the UMEM")
+        }
+    })?;
+    let mut info = IfInfo::invalid();
+    let name = CString::new(params.iface.as_str())?;
+    info.from_name(&name)
+        .map_err(errno)
+        .with_context(|| format!("no interface '{}'", params.iface))?;
+    info.set_queue(queue);
+    let socket = Socket::with_shared(&info, area.umem())
+        .map_err(errno)
+        .context("cannot create an AF_XDP socket")?;
+    let device = area
+        .umem()
+        .fq_cq(&socket)
+        .map_err(errno)
+        .context("cannot map the fill and completion rings")?;
+    let mut bind_flags = SocketConfig::XDP_BIND_NEED_WAKEUP;
+    bind_flags |= if zero_copy {
+        SocketConfig::XDP_BIND_ZEROCOPY
+    } else {
+        SocketConfig::XDP_BIND_COPY
+    };
+    let user = area
+        .umem()
+        .rx_tx(
+            &socket,
+            &SocketConfig {
+                rx_size: NonZeroU32::new(params.ring_size),
+                tx_size: NonZeroU32::new(params.ring_size),
+                bind_flags,
+            },
+        )
+        .map_err(errno)
+        .context("cannot configure the RX and TX rings")?;
+    let rx = user
+        .map_rx()
+        .map_err(errno)
+        .context("cannot map the RX ring")?;
+    let tx = user
+        .map_tx()
+        .map_err(errno)
+        .context("cannot map the TX ring")?;
+    area.umem().bind(&user).map_err(errno).with_context(|| {
+        format!(
+            "cannot bind an AF_XDP socket to {} queue {queue}{}",
+            params.iface,
+            if zero_copy { " in zero-copy mode" } else { "" }
+        )
+    })?;
+    Ok(Rings {
+        rx,
+        tx,
+        device,
+        user,
+        _socket: socket,
+        area,
+        zero_copy,
+    })
+}
+
+/// Opens the socket, trying zero-copy first when `auto`; says once when it falls back.
+fn open_with_fallback(params: &SocketParams, queue: u32) -> Result<Rings> {
+    match params.zero_copy {
+        ZeroCopy::On => open(params, queue, true),
+        ZeroCopy::Off => open(params, queue, false),
+        ZeroCopy::Auto => match open(params, queue, true) {
+            Ok(rings) => Ok(rings),
+            Err(e) => {
+                if queue == 0 {
+                    tracing::warn!(
+                        "{}: zero-copy refused ({e:#}); using copy mode",
+                        params.iface
+                    );
+                }
+                open(params, queue, false)
+            }
+        },
+    }
+}
+
+/// What a worker reports when it starts: its socket for the XSKMAP and whether it got zero-copy.
+pub struct Started {
+    pub fd: i32,
+    pub zero_copy: bool,
+}
+
+/// Runs one AF_XDP worker until `stop`. Sends `Started` (or the start-up error) once the socket is bound.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    params: SocketParams,
+    queue: u32,
+    protocols: Arc<ListenerProtocols>,
+    stats: Arc<WorkerStats>,
+    counter: Arc<dyn Counter>,
+    stop: Arc<AtomicBool>,
+    started: std::sync::mpsc::Sender<Result<Started>>,
+) -> Result<XskStats> {
+    let mut rings = match open_with_fallback(&params, queue) {
+        Ok(r) => r,
+        Err(e) => {
+            let message = format!("{e:#}");
+            let _ = started.send(Err(e));
+            return Err(anyhow!(message));
+        }
+    };
+    let fd = rings.rx.as_raw_fd();
+    if let Some(usecs) = params.busy_poll_usecs {
+        sys::set_busy_poll(fd, usecs, params.busy_poll_budget)
+            .context("cannot enable busy polling on the AF_XDP socket")?;
+    }
+    let _ = started.send(Ok(Started {
+        fd,
+        zero_copy: rings.zero_copy,
+    }));
+
+    let frame_size = params.frame_size as u64;
+    // Every frame is in exactly one place: the free list, the fill ring, the RX ring, the TX ring or
+    // the completion ring. Start with as many on the fill ring as it takes.
+    let mut free: Vec<u64> = (0..params.frame_count as u64)
+        .map(|i| i * frame_size)
+        .collect();
+    let batch = params.batch.min(params.ring_size);
+    let mut descs: Vec<XdpDesc> = Vec::with_capacity(batch as usize);
+    let mut tickets: Vec<Ticket> = Vec::with_capacity(batch as usize);
+    let mut located: Vec<Option<UdpFrame>> = Vec::with_capacity(batch as usize);
+    let mut replies: Vec<XdpDesc> = Vec::with_capacity(batch as usize);
+    // Reply payload bytes per queued reply, so tx_bytes counts payloads as rx_bytes does.
+    let mut reply_payloads: Vec<u16> = Vec::with_capacity(batch as usize);
+    let spin = params.poll == PollMode::Spin;
+
+    while !stop.load(Ordering::Relaxed) {
+        // Completions: transmitted frames come back to the free list.
+        {
+            let mut reader = rings.device.complete(rings.device.available());
+            while let Some(addr) = reader.read() {
+                free.push(addr);
+            }
+            reader.release();
+        }
+        // Refill.
+        if !free.is_empty() {
+            let mut writer = rings.device.fill(free.len() as u32);
+            let n = writer.capacity() as usize;
+            let start = free.len() - n;
+            writer.insert(free[start..].iter().copied());
+            writer.commit();
+            drop(writer);
+            free.truncate(start);
+            if rings.device.needs_wakeup() {
+                rings.device.wake();
+            }
+        }
+
+        // Receive a batch.
+        descs.clear();
+        {
+            let mut reader = rings.rx.receive(batch);
+            while let Some(desc) = reader.read() {
+                descs.push(desc);
+            }
+            reader.release();
+        }
+        if descs.is_empty() {
+            if !spin {
+                sys::wait_readable(fd, POLL_INTERVAL.as_millis() as i32);
+            } else if rings.tx.needs_wakeup() && rings.tx.pending() > 0 {
+                rings.tx.wake();
+            }
+            continue;
+        }
+
+        // Verify and count with the shared core, one counter add for the batch.
+        let mut core_batch = Batch::new(&stats);
+        tickets.clear();
+        located.clear();
+        for desc in &descs {
+            let (ticket, loc) = match rings.area.bytes_mut(desc.addr, desc.len) {
+                Some(frame) => match UdpFrame::locate(frame) {
+                    Some(loc) => {
+                        let payload =
+                            &frame[loc.payload_offset..loc.payload_offset + loc.payload_len];
+                        let protocol = protocols.lookup(frame, &loc);
+                        (core_batch.admit(protocol, payload), Some(loc))
+                    }
+                    None => {
+                        // The XDP program steers only UDP for our listeners; anything else here is
+                        // a frame we cannot answer.
+                        stats.requests.add(1);
+                        stats.count_drop(DropReason::WrongLength);
+                        (Ticket::Drop(DropReason::WrongLength), None)
+                    }
+                },
+                None => (Ticket::Drop(DropReason::Oversize), None),
+            };
+            tickets.push(ticket);
+            located.push(loc);
+        }
+        let commit = core_batch.commit(&*counter);
+
+        // Replies in place, drops straight back to the free list.
+        replies.clear();
+        reply_payloads.clear();
+        for ((desc, ticket), loc) in descs.iter().zip(&tickets).zip(&located) {
+            let (Some(loc), true) = (loc, ticket.is_reply()) else {
+                free.push(desc.addr);
+                continue;
+            };
+            let frame = rings
+                .area
+                .bytes_mut(desc.addr, desc.len)
+                .expect("checked above");
+            let payload = &mut frame[loc.payload_offset..loc.payload_offset + loc.payload_len];
+            let reply_len = commit.write_reply_in_place(*ticket, payload);
+            let frame_len = loc.into_reply(frame, reply_len);
+            reply_payloads.push(reply_len as u16);
+            replies.push(XdpDesc {
+                addr: desc.addr,
+                len: frame_len as u32,
+                options: 0,
+            });
+        }
+        if !replies.is_empty() {
+            let sent = transmit(&mut rings, &replies, &mut free);
+            let bytes: u64 = reply_payloads[..sent].iter().map(|&n| u64::from(n)).sum();
+            stats.replies.add(sent as u64);
+            stats.tx_bytes.add(bytes);
+            if sent < replies.len() {
+                // The kernel took nothing for many kicks: count these replies lost, reuse frames.
+                stats.tx_errors.add((replies.len() - sent) as u64);
+                free.extend(replies[sent..].iter().map(|d| d.addr));
+            }
+        }
+    }
+
+    let xdp = rings
+        .user
+        .statistics_v2()
+        .map_err(errno)
+        .context("XDP_STATISTICS")?;
+    Ok(XskStats {
+        rx_dropped: xdp.rx_dropped,
+        rx_ring_full: xdp.rx_ring_full,
+        fill_ring_empty_descs: xdp.rx_fill_ring_empty_descs,
+        tx_invalid_descs: xdp.tx_invalid_descs,
+        tx_ring_empty_descs: xdp.tx_ring_empty_descs,
+    })
+}
+
+/// Copy-mode sockets transmit at most this many descriptors per kick (the kernel's TX_BATCH_SIZE).
+const COPY_MODE_TX_PER_KICK: u32 = 32;
+/// Kicks to try while the TX ring stays full before counting replies as lost.
+const MAX_FULL_RING_KICKS: u32 = 64;
+
+/// Puts replies on the TX ring and kicks the kernel when need_wakeup asks. In copy mode a kick sends
+/// at most 32 frames, so kick until the ring is drained; when the ring is full, reap completions and
+/// kick until there is room. Returns how many replies went on the ring.
+fn transmit(rings: &mut Rings, replies: &[XdpDesc], free: &mut Vec<u64>) -> usize {
+    let mut sent = 0;
+    let mut full_kicks = 0;
+    while sent < replies.len() {
+        let mut writer = rings.tx.transmit((replies.len() - sent) as u32);
+        let n = writer.insert(replies[sent..].iter().copied()) as usize;
+        writer.commit();
+        drop(writer);
+        sent += n;
+        if sent < replies.len() {
+            if full_kicks == MAX_FULL_RING_KICKS {
+                break;
+            }
+            full_kicks += 1;
+            rings.tx.wake();
+            let mut reader = rings.device.complete(rings.device.available());
+            while let Some(addr) = reader.read() {
+                free.push(addr);
+            }
+            reader.release();
+        }
+    }
+    if rings.tx.needs_wakeup() {
+        if rings.zero_copy {
+            rings.tx.wake();
+        } else {
+            // Copy mode transmits synchronously inside the kick: repeat until the ring is empty.
+            let kicks = rings.tx.pending().div_ceil(COPY_MODE_TX_PER_KICK) + 1;
+            for _ in 0..kicks {
+                if rings.tx.pending() == 0 {
+                    break;
+                }
+                rings.tx.wake();
+            }
+        }
+    }
+    sent
+}
+
+/// Which protocol answers a steered frame, by destination port (and address).
+#[derive(Debug, Clone, Default)]
+pub struct ListenerProtocols {
+    entries: Vec<(std::net::SocketAddr, Protocol)>,
+}
+
+impl ListenerProtocols {
+    pub fn new(entries: Vec<(std::net::SocketAddr, Protocol)>) -> ListenerProtocols {
+        ListenerProtocols { entries }
+    }
+
+    /// The protocol of the listener this frame was steered for (exact address first, then wildcard).
+    /// The XDP program only steers frames for listeners, so a miss means the table changed; such a
+    /// frame is treated as counter, whose strict checks drop anything unexpected.
+    pub fn lookup(&self, frame: &[u8], loc: &UdpFrame) -> Protocol {
+        let Some((ip, port)) = loc.destination(frame) else {
+            return Protocol::Counter;
+        };
+        let mut wildcard = None;
+        for (addr, protocol) in &self.entries {
+            if addr.port() != port {
+                continue;
+            }
+            if addr.ip() == ip {
+                return *protocol;
+            }
+            if addr.ip().is_unspecified() && addr.is_ipv4() == ip.is_ipv4() {
+                wildcard = Some(*protocol);
+            }
+        }
+        wildcard.unwrap_or(Protocol::Counter)
+    }
+}
+
+/// How long a blocking worker sleeps in poll() before looking at the stop flag.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(100);

@@ -1,0 +1,178 @@
+//! Map records shared with the XDP program, mirroring `ebpf/ricochet.h` byte for byte.
+//!
+//! A test parses the header and compares it with these definitions, so they cannot drift apart.
+#![allow(unsafe_code)]
+
+use std::net::{IpAddr, SocketAddr};
+
+use crate::core::Protocol;
+
+/// `struct listener_key`: destination address and port as they appear on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct ListenerKey {
+    pub family: u8,
+    pub pad: u8,
+    /// Network byte order.
+    pub port_be: u16,
+    pub addr: [u8; 16],
+}
+
+/// `struct listener_value`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct ListenerValue {
+    pub protocol: u8,
+    pub pad: [u8; 3],
+}
+
+// SAFETY: both are repr(C) structs of integers with no padding holes the kernel could not fill
+// (explicit pad fields), so any byte pattern is a valid value.
+unsafe impl aya::Pod for ListenerKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for ListenerValue {}
+
+impl ListenerKey {
+    /// The key for a UDP listener; an unspecified address (0.0.0.0 or ::) is the wildcard.
+    pub fn new(addr: SocketAddr) -> ListenerKey {
+        let mut bytes = [0u8; 16];
+        let family = match addr.ip() {
+            IpAddr::V4(v4) => {
+                bytes[..4].copy_from_slice(&v4.octets());
+                4
+            }
+            IpAddr::V6(v6) => {
+                bytes.copy_from_slice(&v6.octets());
+                6
+            }
+        };
+        ListenerKey {
+            family,
+            pad: 0,
+            port_be: addr.port().to_be(),
+            addr: bytes,
+        }
+    }
+}
+
+/// The protocol number the XDP program uses (`PROTO_*` in ricochet.h).
+pub const fn protocol_id(protocol: Protocol) -> u8 {
+    match protocol {
+        Protocol::Counter => 0,
+        Protocol::Echo => 1,
+        Protocol::Sockperf => 2,
+    }
+}
+
+impl ListenerValue {
+    pub fn new(protocol: Protocol) -> ListenerValue {
+        ListenerValue {
+            protocol: protocol_id(protocol),
+            pad: [0; 3],
+        }
+    }
+}
+
+/// Slots of the per-CPU `xdp_stats` array (`enum xdp_stat` in ricochet.h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum XdpStat {
+    Steered = 0,
+    NoSocket = 1,
+    Passed = 2,
+    DropWrongLength = 3,
+    DropTooShort = 4,
+    DropTruncated = 5,
+    DropFragment = 6,
+}
+
+impl XdpStat {
+    pub const ALL: [XdpStat; 7] = [
+        XdpStat::Steered,
+        XdpStat::NoSocket,
+        XdpStat::Passed,
+        XdpStat::DropWrongLength,
+        XdpStat::DropTooShort,
+        XdpStat::DropTruncated,
+        XdpStat::DropFragment,
+    ];
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// The name in ricochet.h without its `STAT_` prefix, lowercased: used in output and metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            XdpStat::Steered => "steered",
+            XdpStat::NoSocket => "no_socket",
+            XdpStat::Passed => "passed",
+            XdpStat::DropWrongLength => "drop_wrong_length",
+            XdpStat::DropTooShort => "drop_too_short",
+            XdpStat::DropTruncated => "drop_truncated",
+            XdpStat::DropFragment => "drop_fragment",
+        }
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    const HEADER: &str = include_str!("../../../ebpf/ricochet.h");
+
+    fn define(name: &str) -> u64 {
+        HEADER
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("#define {name} ")))
+            .unwrap_or_else(|| panic!("{name} not in ricochet.h"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn stats_match_the_header() {
+        for stat in XdpStat::ALL {
+            let name = format!("STAT_{}", stat.as_str().to_uppercase());
+            let line = HEADER
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{name} =")))
+                .unwrap_or_else(|| panic!("{name} missing from ricochet.h"));
+            let value: usize = line
+                .split('=')
+                .nth(1)
+                .unwrap()
+                .split(',')
+                .next()
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            assert_eq!(value, stat as usize, "{name}");
+        }
+        let count = HEADER.lines().find(|l| l.contains("STAT_COUNT =")).unwrap();
+        assert!(count.contains(&format!("= {},", XdpStat::COUNT)), "{count}");
+    }
+
+    #[test]
+    fn protocols_match_the_header() {
+        assert_eq!(
+            define("PROTO_COUNTER"),
+            protocol_id(Protocol::Counter) as u64
+        );
+        assert_eq!(define("PROTO_ECHO"), protocol_id(Protocol::Echo) as u64);
+        assert_eq!(
+            define("PROTO_SOCKPERF"),
+            protocol_id(Protocol::Sockperf) as u64
+        );
+    }
+
+    #[test]
+    fn key_layout_matches_the_header() {
+        // struct listener_key { u8 family; u8 pad; be16 port; u8 addr[16]; } = 20 bytes.
+        assert!(HEADER.contains("__u8 family;\n\t__u8 pad;\n\t__be16 port;\n\t__u8 addr[16];"));
+        assert_eq!(std::mem::size_of::<ListenerKey>(), 20);
+        assert_eq!(std::mem::size_of::<ListenerValue>(), 4);
+        let key = ListenerKey::new("198.18.0.1:7777".parse().unwrap());
+        assert_eq!(key.family, 4);
+        assert_eq!(key.port_be, 7777u16.to_be());
+        assert_eq!(&key.addr[..5], &[198, 18, 0, 1, 0]);
+    }
+}

@@ -1,0 +1,240 @@
+//! The XDP program (`ebpf/ricochet.bpf.c`): loading it, configuring its listeners, attaching it to an
+//! interface through a BPF link (so it disappears with the process), reading its per-CPU statistics,
+//! and running it on crafted frames with BPF_PROG_TEST_RUN.
+
+pub mod maps;
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::process::Command;
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::maps::{HashMap, MapData, PerCpuArray, XskMap};
+use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
+use aya::Ebpf;
+
+use crate::core::Protocol;
+use maps::{ListenerKey, ListenerValue, XdpStat};
+
+/// The compiled steering program, built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ricochet.bpf.o"));
+const PROGRAM: &str = "ricochet_steer";
+
+/// Where the XDP program runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum XdpAttachMode {
+    /// In the driver (fastest; the driver must support XDP).
+    Native,
+    /// In the kernel's generic receive path (works everywhere, slower).
+    Generic,
+    /// Native, falling back to generic when the driver refuses.
+    Auto,
+}
+
+/// The mode an attachment ended up in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachedMode {
+    Native,
+    Generic,
+}
+
+impl std::fmt::Display for AttachedMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AttachedMode::Native => "native",
+            AttachedMode::Generic => "generic",
+        })
+    }
+}
+
+/// A loaded steering program, attached or not.
+pub struct SteeringProgram {
+    ebpf: Ebpf,
+}
+
+/// The verdicts XDP programs return (`enum xdp_action`).
+pub mod action {
+    pub const ABORTED: u32 = 0;
+    pub const DROP: u32 = 1;
+    pub const PASS: u32 = 2;
+    pub const TX: u32 = 3;
+    pub const REDIRECT: u32 = 4;
+}
+
+fn explain_bpf_error(
+    e: impl std::error::Error + Send + Sync + 'static,
+    what: &str,
+) -> anyhow::Error {
+    let text = format!("{e:#}");
+    let hint = if text.contains("Operation not permitted") || text.contains("EPERM") {
+        ": loading XDP programs needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
+    } else {
+        ""
+    };
+    anyhow!(e).context(format!("{what}{hint}"))
+}
+
+impl SteeringProgram {
+    /// Loads the program into the kernel (verifier included) with its listeners configured.
+    pub fn load(listeners: &[(SocketAddr, Protocol)]) -> Result<SteeringProgram> {
+        let mut ebpf =
+            Ebpf::load(OBJECT).map_err(|e| explain_bpf_error(e, "cannot load the XDP program"))?;
+        {
+            let prog: &mut Xdp = ebpf
+                .program_mut(PROGRAM)
+                .ok_or_else(|| anyhow!("the BPF object has no program {PROGRAM}"))?
+                .try_into()?;
+            prog.load()
+                .map_err(|e| explain_bpf_error(e, "the kernel rejected the XDP program"))?;
+        }
+        let mut program = SteeringProgram { ebpf };
+        program.set_listeners(listeners)?;
+        Ok(program)
+    }
+
+    /// Replaces the listener table.
+    pub fn set_listeners(&mut self, listeners: &[(SocketAddr, Protocol)]) -> Result<()> {
+        let mut map: HashMap<&mut MapData, ListenerKey, ListenerValue> =
+            HashMap::try_from(self.ebpf.map_mut("listeners").context("no listeners map")?)?;
+        let stale: Vec<ListenerKey> = map.keys().filter_map(|k| k.ok()).collect();
+        for key in stale {
+            map.remove(&key)?;
+        }
+        for (addr, protocol) in listeners {
+            map.insert(ListenerKey::new(*addr), ListenerValue::new(*protocol), 0)
+                .with_context(|| format!("cannot add listener {addr} to the XDP program"))?;
+        }
+        Ok(())
+    }
+
+    fn program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(PROGRAM)
+            .expect("loaded in load()")
+            .try_into()
+            .expect("an XDP program")
+    }
+
+    /// Attaches to `iface` through a BPF link: the kernel detaches it when the process exits, however
+    /// it exits. Refuses to replace a program someone else attached unless `force`.
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        mode: XdpAttachMode,
+        force: bool,
+    ) -> Result<AttachedMode> {
+        let attempts: &[(XdpMode, AttachedMode)] = match mode {
+            XdpAttachMode::Native => &[(XdpMode::Driver, AttachedMode::Native)],
+            XdpAttachMode::Generic => &[(XdpMode::Skb, AttachedMode::Generic)],
+            XdpAttachMode::Auto => &[
+                (XdpMode::Driver, AttachedMode::Native),
+                (XdpMode::Skb, AttachedMode::Generic),
+            ],
+        };
+        let mut forced = false;
+        let mut last_error = None;
+        let mut i = 0;
+        while i < attempts.len() {
+            let (xdp_mode, attached) = attempts[i];
+            match self.program().attach(iface, xdp_mode) {
+                Ok(_) => {
+                    if i > 0 {
+                        tracing::warn!(
+                            "{iface}: native XDP refused ({}), running in generic mode",
+                            last_error
+                                .as_ref()
+                                .map(|e: &ProgramError| format!("{e:#}"))
+                                .unwrap_or_default()
+                        );
+                    }
+                    return Ok(attached);
+                }
+                Err(ProgramError::UnknownInterface { .. }) => {
+                    bail!("no interface named '{iface}': list them with 'ip link'")
+                }
+                Err(e) if is_errno(&e, libc::EBUSY) || is_errno(&e, libc::EEXIST) => {
+                    if !force || forced {
+                        bail!("another XDP program is attached to {iface}: detach it ('ip link set dev {iface} xdp off') or pass --force to replace it");
+                    }
+                    detach_foreign(iface)?;
+                    forced = true;
+                    continue;
+                }
+                Err(e) if is_errno(&e, libc::EPERM) => {
+                    bail!("attaching XDP to {iface} needs root (or CAP_NET_ADMIN and CAP_BPF)")
+                }
+                Err(e) => last_error = Some(e),
+            }
+            i += 1;
+        }
+        let e = last_error.expect("at least one attempt failed");
+        Err(anyhow!(e)).with_context(|| format!("cannot attach XDP to {iface} in {mode:?} mode: the driver may not support it; try --xdp-mode generic or auto"))
+    }
+
+    /// The AF_XDP socket table, indexed by RX queue.
+    pub fn xsk_map(&mut self) -> Result<XskMap<&mut MapData>> {
+        Ok(XskMap::try_from(
+            self.ebpf.map_mut("xsks").context("no xsks map")?,
+        )?)
+    }
+
+    /// Registers an AF_XDP socket for an RX queue.
+    pub fn register_socket(&mut self, queue: u32, fd: impl AsRawFd) -> Result<()> {
+        self.xsk_map()?
+            .set(queue, fd, 0)
+            .with_context(|| format!("cannot register the AF_XDP socket of queue {queue}"))
+    }
+
+    /// The program's counters summed over CPUs.
+    pub fn stats(&self) -> Result<[u64; XdpStat::COUNT]> {
+        let array: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("xdp_stats").context("no xdp_stats map")?)?;
+        let mut out = [0u64; XdpStat::COUNT];
+        for stat in XdpStat::ALL {
+            out[stat as usize] = array.get(&(stat as u32), 0)?.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Runs the program once on `frame` (BPF_PROG_TEST_RUN); returns the verdict and the output
+    /// frame's length in `out`.
+    pub fn test_run(&mut self, frame: &[u8], out: &mut [u8]) -> Result<(u32, usize)> {
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(out),
+            ..TestRunOptions::default()
+        };
+        let result = self
+            .program()
+            .test_run(opts)
+            .context("BPF_PROG_TEST_RUN failed")?;
+        Ok((result.return_value, result.data_size_out as usize))
+    }
+}
+
+fn is_errno(e: &ProgramError, errno: i32) -> bool {
+    // Walk the source chain down to the io::Error of the failed syscall.
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            return io.raw_os_error() == Some(errno);
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// Detaches an XDP program attached through netlink by someone else (`--force`). A program held by
+/// another process's BPF link cannot be removed this way: that process must stop.
+fn detach_foreign(iface: &str) -> Result<()> {
+    tracing::warn!("--force: detaching the XDP program already attached to {iface}");
+    for kind in ["xdp", "xdpgeneric", "xdpdrv"] {
+        let _ = Command::new("ip")
+            .args(["link", "set", "dev", iface, kind, "off"])
+            .status();
+    }
+    Ok(())
+}
