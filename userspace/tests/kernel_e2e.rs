@@ -7,35 +7,10 @@ use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::os::unix::net::UnixStream;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-
-const TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Every (increment, reply value) pair a client observed.
-type Observations = Arc<Mutex<Vec<(u64, u64)>>>;
-
-fn udp_client(addr: std::net::SocketAddr, seed: u64, n: usize, seen: Observations) {
-    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-    socket.connect(addr).unwrap();
-    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let mut rng = Rng::new(seed);
-    let mut local = Vec::with_capacity(n);
-    let mut buf = [0u8; 64];
-    for i in 0..n {
-        // Every 50th request reads the counter (increment 0).
-        let increment = if i % 50 == 49 { 0 } else { 1 + rng.below(1000) };
-        socket.send(&frame(increment)).unwrap();
-        let got = socket
-            .recv(&mut buf)
-            .expect("UDP reply within 5 s on loopback");
-        assert_eq!(got, 16);
-        local.push((increment, parse_reply(&buf[..16])));
-    }
-    seen.lock().unwrap().extend(local);
-}
 
 fn stream_client<S: Read + Write>(
     mut stream: S,
@@ -67,33 +42,6 @@ fn stream_client<S: Read + Write>(
         sent += k;
     }
     seen.lock().unwrap().extend(local);
-}
-
-/// Checks exactness: sorted by value, each reply to a non-zero increment is the previous such value
-/// plus its own increment, starting from zero, and no value repeats. Returns the sum of increments.
-fn check_exact(observations: &[(u64, u64)]) -> u64 {
-    let mut adds: Vec<(u64, u64)> = observations
-        .iter()
-        .copied()
-        .filter(|&(inc, _)| inc != 0)
-        .collect();
-    adds.sort_by_key(|&(_, value)| value);
-    let mut running = 0u64;
-    for &(increment, value) in &adds {
-        assert_eq!(
-            value,
-            running + increment,
-            "reply {value} is not the running sum {running} + its increment {increment}"
-        );
-        running = value;
-    }
-    let sum: u64 = adds.iter().map(|&(inc, _)| inc).sum();
-    assert_eq!(running, sum);
-    // Reads never see a value beyond the final sum.
-    for &(_, value) in observations.iter().filter(|&&(inc, _)| inc == 0) {
-        assert!(value <= sum);
-    }
-    sum
 }
 
 fn exactness_run(poll: &str) {

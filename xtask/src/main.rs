@@ -18,6 +18,7 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("clang", "clang"),
     ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
     ("ethtool", "ethtool"),
+    ("ping", "iputils-ping"),
 ];
 
 const USAGE: &str = "usage: cargo xtask <task>

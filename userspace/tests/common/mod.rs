@@ -3,8 +3,10 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
+use std::net::UdpSocket;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ricochet::wire::CounterRepr;
@@ -20,7 +22,21 @@ pub struct Server {
 
 impl Server {
     pub fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
+        Server::start_in(None, args)
+    }
+
+    /// Starts the server inside a network namespace (`ip netns exec` execs into ricochet, so the
+    /// child's pid is ricochet's and signals reach it directly).
+    pub fn start_in(ns: Option<&str>, args: &[&str]) -> Server {
+        let mut command = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = command
             .arg("serve")
             .args(args)
             .stdout(Stdio::piped())
@@ -68,13 +84,14 @@ impl Server {
     }
 
     /// Sends SIGTERM and returns (exit success, everything printed after start-up).
-    pub fn terminate(mut self) -> (bool, String) {
+    pub fn terminate(self) -> (bool, String) {
+        self.signal(nix::sys::signal::Signal::SIGTERM)
+    }
+
+    /// Sends `signal` and waits for the process to end; returns (exit success, remaining stdout).
+    pub fn signal(mut self, signal: nix::sys::signal::Signal) -> (bool, String) {
         let mut child = self.child.take().unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         let status = loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -185,4 +202,192 @@ pub fn require_tool(tool: &str, package: &str) -> bool {
         "SKIP: {tool} not installed (apt-get install {package}; cargo xtask test installs it)"
     );
     false
+}
+
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Every (increment, reply value) pair a client observed.
+pub type Observations = Arc<Mutex<Vec<(u64, u64)>>>;
+
+pub fn udp_client(addr: std::net::SocketAddr, seed: u64, n: usize, seen: Observations) {
+    let local = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let socket = UdpSocket::bind(local).unwrap();
+    socket.connect(addr).unwrap();
+    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut rng = Rng::new(seed);
+    let mut local = Vec::with_capacity(n);
+    let mut buf = [0u8; 64];
+    for i in 0..n {
+        // Every 50th request reads the counter (increment 0).
+        let increment = if i % 50 == 49 { 0 } else { 1 + rng.below(1000) };
+        socket.send(&frame(increment)).unwrap();
+        let got = socket
+            .recv(&mut buf)
+            .expect("UDP reply within 5 s on loopback");
+        assert_eq!(got, 16);
+        local.push((increment, parse_reply(&buf[..16])));
+    }
+    seen.lock().unwrap().extend(local);
+}
+
+/// Checks exactness: sorted by value, each reply to a non-zero increment is the previous such value
+/// plus its own increment, starting from zero, and no value repeats. Returns the sum of increments.
+pub fn check_exact(observations: &[(u64, u64)]) -> u64 {
+    let mut adds: Vec<(u64, u64)> = observations
+        .iter()
+        .copied()
+        .filter(|&(inc, _)| inc != 0)
+        .collect();
+    adds.sort_by_key(|&(_, value)| value);
+    let mut running = 0u64;
+    for &(increment, value) in &adds {
+        assert_eq!(
+            value,
+            running + increment,
+            "reply {value} is not the running sum {running} + its increment {increment}"
+        );
+        running = value;
+    }
+    let sum: u64 = adds.iter().map(|&(inc, _)| inc).sum();
+    assert_eq!(running, sum);
+    // Reads never see a value beyond the final sum.
+    for &(_, value) in observations.iter().filter(|&&(inc, _)| inc == 0) {
+        assert!(value <= sum);
+    }
+    sum
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// A pair of fresh network namespaces joined by a veth pair, removed on drop (also when the test
+/// fails): server side 198.18.0.1/30, client side 198.18.0.2/30, no default route.
+pub struct LabNet {
+    pub server_ns: String,
+    pub client_ns: String,
+    pub server_if: String,
+    pub client_if: String,
+}
+
+pub const LAB_SERVER: &str = "198.18.0.1";
+pub const LAB_CLIENT: &str = "198.18.0.2";
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("run ip");
+    assert!(status.success(), "ip {args:?} failed");
+}
+
+impl LabNet {
+    /// None (with a printed reason) when not root.
+    pub fn create(tag: &str, queues: u32) -> Option<LabNet> {
+        if !is_root() {
+            eprintln!("SKIP: network namespaces and XDP need root");
+            return None;
+        }
+        let id = std::process::id() % 100_000;
+        let lab = LabNet {
+            server_ns: format!("ricochet-t{id}-{tag}-srv"),
+            client_ns: format!("ricochet-t{id}-{tag}-cli"),
+            server_if: format!("rt{id}{tag}s"),
+            client_if: format!("rt{id}{tag}c"),
+        };
+        lab.remove();
+        let q = queues.to_string();
+        ip(&["netns", "add", &lab.server_ns]);
+        ip(&["netns", "add", &lab.client_ns]);
+        ip(&[
+            "link",
+            "add",
+            &lab.server_if,
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
+            "netns",
+            &lab.server_ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &lab.client_if,
+            "numtxqueues",
+            &q,
+            "numrxqueues",
+            &q,
+            "netns",
+            &lab.client_ns,
+        ]);
+        for (ns, iface, addr) in [
+            (&lab.server_ns, &lab.server_if, LAB_SERVER),
+            (&lab.client_ns, &lab.client_if, LAB_CLIENT),
+        ] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/30"), "dev", iface]);
+            ip(&["-n", ns, "link", "set", iface, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        Some(lab)
+    }
+
+    fn remove(&self) {
+        for ns in [&self.server_ns, &self.client_ns] {
+            if std::path::Path::new("/run/netns").join(ns).exists() {
+                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            }
+        }
+    }
+
+    /// Whether an XDP program is attached to the server interface.
+    pub fn server_has_xdp(&self) -> bool {
+        let out = Command::new("ip")
+            .args([
+                "-n",
+                &self.server_ns,
+                "link",
+                "show",
+                "dev",
+                &self.server_if,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+    }
+
+    /// Runs a command inside the client namespace and returns (success, stdout + stderr).
+    pub fn client_cmd(&self, program: &str, args: &[&str]) -> (bool, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.client_ns, program])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+}
+
+impl Drop for LabNet {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its veth end, the peer with it, and any XDP program on them.
+        self.remove();
+    }
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`; sockets it creates live there.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
 }

@@ -1,0 +1,336 @@
+//! End-to-end tests of the AF_XDP datapath in a fresh pair of network namespaces joined by a veth pair
+//! with two queues, created and removed by each test: exactness over both queues and the kernel
+//! fallback, invalid requests, host traffic while attached, sockperf, and no program left behind.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+const COUNTER_PORT: u16 = 7777;
+const SOCKPERF_PORT: u16 = 11111;
+
+fn addr(port: u16) -> SocketAddr {
+    format!("{LAB_SERVER}:{port}").parse().unwrap()
+}
+
+fn start(lab: &LabNet, xdp_mode: &str, extra: &[&str]) -> Server {
+    let counter = format!("udp://{LAB_SERVER}:{COUNTER_PORT}");
+    let tcp = format!("tcp://{LAB_SERVER}:{COUNTER_PORT}");
+    let sockperf = format!("sockperf+udp://{LAB_SERVER}:{SOCKPERF_PORT}");
+    let mut args = vec![
+        "--mode",
+        "afxdp",
+        "--iface",
+        &lab.server_if,
+        "--xdp-mode",
+        xdp_mode,
+        "--listen",
+        &counter,
+        "--listen",
+        &tcp,
+        "--listen",
+        &sockperf,
+    ];
+    args.extend_from_slice(extra);
+    Server::start_in(Some(&lab.server_ns), &args)
+}
+
+/// `key=value` of the `afxdp queue=N` line.
+fn queue_field(output: &str, queue: u32, key: &str) -> u64 {
+    let line = output
+        .lines()
+        .find(|l| l.starts_with(&format!("afxdp queue={queue} ")))
+        .unwrap_or_else(|| panic!("no afxdp queue={queue} line in:\n{output}"));
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn bench_json_in(lab: &LabNet, args: &[&str]) -> serde_json::Value {
+    let mut full = vec!["bench"];
+    full.extend_from_slice(args);
+    full.push("--json");
+    let (ok, out) = lab.client_cmd(BIN, &full);
+    assert!(ok, "bench {args:?}: {out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("bench JSON: {e}: {out}"))
+}
+
+fn exactness_in_lab(lab: &LabNet, server: &Server) -> u64 {
+    // Lab clients on many flows (the veth spreads them over both queues by flow hash) and loopback
+    // clients inside the responder namespace (kernel path), all at once on one counter.
+    let seen: Observations = Arc::default();
+    let mut threads = Vec::new();
+    for c in 0..16u64 {
+        let seen = seen.clone();
+        threads.push(in_netns(&lab.client_ns, move || {
+            udp_client(addr(COUNTER_PORT), 1000 + c, 300, seen)
+        }));
+    }
+    for c in 0..2u64 {
+        let seen = seen.clone();
+        threads.push(in_netns(&lab.server_ns, move || {
+            udp_client(addr(COUNTER_PORT), 2000 + c, 300, seen)
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 18 * 300);
+    let _ = server;
+    check_exact(&seen)
+}
+
+fn invalid_requests_are_never_answered(lab: &LabNet) {
+    let handle = in_netns(&lab.client_ns, || {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.connect(addr(COUNTER_PORT)).unwrap();
+        socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+        // A read first, so the neighbour entry exists and nothing below waits for ARP.
+        socket.send(&frame(0)).unwrap();
+        let mut buf = [0u8; 64];
+        let n = socket.recv(&mut buf).unwrap();
+        let before = parse_reply(&buf[..n]);
+        for bytes in [
+            &b"aaaaaaaaaaaaaaaa"[..],
+            &[0u8; 16][..],
+            &[0xff; 16][..],
+            &frame(1)[..15],
+            &[1u8][..],
+        ] {
+            socket.send(bytes).unwrap();
+        }
+        socket.send(&frame(0)).unwrap();
+        let n = socket.recv(&mut buf).unwrap();
+        assert_eq!(
+            parse_reply(&buf[..n]),
+            before,
+            "invalid requests changed the counter"
+        );
+        socket
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        assert!(
+            socket.recv(&mut buf).is_err(),
+            "an invalid request was answered"
+        );
+    });
+    handle.join().unwrap();
+}
+
+#[test]
+fn afxdp_native_mode_end_to_end() {
+    let Some(lab) = LabNet::create("n", 2) else {
+        return;
+    };
+    let server = start(&lab, "native", &[]);
+    assert!(lab.server_has_xdp());
+
+    let sum = exactness_in_lab(&lab, &server);
+    invalid_requests_are_never_answered(&lab);
+
+    // Many flows with the bench client: every reply verified, none lost.
+    let spec = format!("udp://{LAB_SERVER}:{COUNTER_PORT}");
+    let r = bench_json_in(
+        &lab,
+        &[
+            &spec,
+            "-c",
+            "32",
+            "-d",
+            "4",
+            "--requests",
+            "20000",
+            "--increment",
+            "3",
+            "--timeout",
+            "2s",
+        ],
+    );
+    assert_eq!(
+        (
+            r["sent"].as_u64(),
+            r["received"].as_u64(),
+            r["lost"].as_u64()
+        ),
+        (Some(20000), Some(20000), Some(0))
+    );
+    assert_eq!(r["duplicate_values"], 0);
+    assert_eq!(r["non_increasing"], 0);
+
+    // Host traffic keeps flowing while attached: TCP (kernel path) and ICMP.
+    let tcp = format!("tcp://{LAB_SERVER}:{COUNTER_PORT}");
+    let t = bench_json_in(&lab, &[&tcp, "--requests", "100"]);
+    assert_eq!(t["received"], 100);
+    if require_tool("ping", "iputils-ping") {
+        let (ok, out) = lab.client_cmd("ping", &["-c", "2", "-W", "2", LAB_SERVER]);
+        assert!(ok, "ping to the responder failed while attached: {out}");
+    }
+    if require_tool("sockperf", "sockperf") {
+        let port = SOCKPERF_PORT.to_string();
+        let (ok, out) = lab.client_cmd(
+            "sockperf",
+            &["ping-pong", "-i", LAB_SERVER, "-p", &port, "-t", "2"],
+        );
+        assert!(ok, "{out}");
+        assert!(out.contains("# dropped messages = 0;"), "{out}");
+    }
+
+    let (ok, output) = server.terminate();
+    assert!(ok, "{output}");
+    assert_eq!(
+        final_counter(&output),
+        sum + 3 * 20000 + 100,
+        "one counter across the AF_XDP and kernel paths"
+    );
+    for queue in 0..2 {
+        assert!(
+            queue_field(&output, queue, "requests") > 0,
+            "queue {queue} carried no traffic:\n{output}"
+        );
+        assert!(
+            queue_field(&output, queue, "replies") > 0,
+            "queue {queue} answered nothing:\n{output}"
+        );
+    }
+    assert!(
+        output.contains("drop_bad_hash=3"),
+        "the three bad-hash frames reached userspace and were dropped:\n{output}"
+    );
+    assert!(
+        !lab.server_has_xdp(),
+        "the XDP program must be gone after SIGTERM"
+    );
+}
+
+#[test]
+fn afxdp_generic_mode_and_sigkill_leave_nothing() {
+    let Some(lab) = LabNet::create("g", 2) else {
+        return;
+    };
+    let server = start(&lab, "generic", &["--poll", "block"]);
+    assert!(lab.server_has_xdp());
+    let sum = exactness_in_lab(&lab, &server);
+    assert!(sum > 0);
+    // SIGKILL: no chance to clean up; the BPF link dies with the process.
+    let _ = server.signal(nix::sys::signal::Signal::SIGKILL);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !lab.server_has_xdp(),
+        "the XDP program must be gone after SIGKILL"
+    );
+}
+
+fn serve_fails_in(lab: &LabNet, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.server_ns, BIN, "serve"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "serve {args:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+#[test]
+fn afxdp_start_up_errors_and_force() {
+    let Some(lab) = LabNet::create("e", 1) else {
+        return;
+    };
+    let listen = format!("udp://{LAB_SERVER}:{COUNTER_PORT}");
+    let err = serve_fails_in(
+        &lab,
+        &["--mode", "afxdp", "--iface", "nope0", "--listen", &listen],
+    );
+    assert!(err.contains("no interface named 'nope0'"), "{err}");
+    let err = serve_fails_in(
+        &lab,
+        &[
+            "--mode",
+            "afxdp",
+            "--iface",
+            &lab.server_if,
+            "--listen",
+            "udp://127.0.0.1:7777",
+        ],
+    );
+    assert!(err.contains("is not an address of"), "{err}");
+    let err = serve_fails_in(&lab, &["--mode", "afxdp", "--listen", &listen]);
+    assert!(err.contains("needs --iface"), "{err}");
+    let err = serve_fails_in(
+        &lab,
+        &[
+            "--mode",
+            "afxdp",
+            "--iface",
+            &lab.server_if,
+            "--listen",
+            &listen,
+            "--queues",
+            "5",
+        ],
+    );
+    assert!(err.contains("queue 5 does not exist"), "{err}");
+
+    // Someone else's XDP program: refused without --force, replaced with it.
+    let object = concat!(env!("OUT_DIR"), "/ricochet.bpf.o");
+    let status = Command::new("ip")
+        .args([
+            "-n",
+            &lab.server_ns,
+            "link",
+            "set",
+            "dev",
+            &lab.server_if,
+            "xdpgeneric",
+            "obj",
+            object,
+            "sec",
+            "xdp",
+        ])
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "ip could not attach a foreign XDP program"
+    );
+    let err = serve_fails_in(
+        &lab,
+        &[
+            "--mode",
+            "afxdp",
+            "--iface",
+            &lab.server_if,
+            "--listen",
+            &listen,
+            "--xdp-mode",
+            "generic",
+        ],
+    );
+    assert!(err.contains("another XDP program is attached"), "{err}");
+    let server = Server::start_in(
+        Some(&lab.server_ns),
+        &[
+            "--mode",
+            "afxdp",
+            "--iface",
+            &lab.server_if,
+            "--listen",
+            &listen,
+            "--xdp-mode",
+            "generic",
+            "--force",
+        ],
+    );
+    let (ok, output) = server.terminate();
+    assert!(ok, "{output}");
+    assert!(!lab.server_has_xdp());
+}
