@@ -4,7 +4,9 @@
 #   (a) ping-pong round trip, sockperf's client and ricochet's bench client, against sockperf's server
 #       and ricochet's sockperf listener, in block and spin poll modes;
 #   (b) counter throughput with the bench client at several connection counts and depths (UDP, TCP);
-#   (c) the memory of many idle TCP connections (100,000 where the fd limit allows).
+#   (c) the memory of many idle TCP connections (100,000 where the fd limit allows);
+#   (d) in a veth lab between two namespaces: ping-pong and throughput of kernel block, kernel spin
+#       and afxdp mode, with ricochet's bench client and sockperf's client.
 # Writes bench/results/<date>/ (results.md, every run's JSON, .hgrm and raw output, commands.txt) and
 # prints the table. Run as root: sudo bench/latency.sh [--quick] [--duration SECONDS] [--connections N]
 set -euo pipefail
@@ -47,8 +49,10 @@ fi
 
 # Tools: install what is missing.
 missing=()
-for pair in sockperf:sockperf python3:python3 taskset:util-linux ss:iproute2; do
-    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+for pair in sockperf:sockperf python3:python3 taskset:util-linux ss:iproute2 clang:clang /usr/include/bpf/bpf_helpers.h:libbpf-dev; do
+    tool="${pair%%:*}"
+    if [ "${tool#/}" != "$tool" ]; then [ -e "$tool" ] || missing+=("${pair#*:}"); continue; fi
+    command -v "$tool" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "== installing ${missing[*]}"
@@ -244,6 +248,66 @@ cat >"$RUNS/idle.json" <<EOF
  "slab_kib_before": $slab0, "slab_kib_after": $slab1}
 EOF
 record idle idle.json
+
+echo "== (d) veth lab: kernel block vs kernel spin vs afxdp (same clients, $ROUNDS rounds)"
+# One queue, so the single ping-pong flow lands on the queue the worker serves; the responder runs
+# on the last CPU, the client on CPU 0. The lab is removed on exit, also on failure.
+LAB_SRV=ricochet-srv
+LAB_CLI=ricochet-cli
+lab_down() { ip netns del "$LAB_SRV" 2>/dev/null || true; ip netns del "$LAB_CLI" 2>/dev/null || true; }
+trap 'cleanup; lab_down' EXIT
+log_cmd "cargo xtask lab up --queues 1"
+cargo xtask lab up --queues 1 >/dev/null
+LAB_ADDR=198.18.0.1
+lab_server() { # lab_server NAME MODE_ARGS...
+    local name="$1"; shift
+    log_cmd "ip netns exec $LAB_SRV $RICOCHET serve $* --listen udp://$LAB_ADDR:7777 --listen sockperf+udp://$LAB_ADDR:11111 --cpus $SERVER_CPU"
+    ip netns exec "$LAB_SRV" "$RICOCHET" serve "$@" --listen "udp://$LAB_ADDR:7777" --listen "sockperf+udp://$LAB_ADDR:11111" \
+        --cpus "$SERVER_CPU" >"$RUNS/$name.serve.txt" 2>&1 &
+    SERVER_PID=$!
+    PIDS+=("$SERVER_PID")
+    for _ in $(seq 100); do
+        grep -q '^ready ' "$RUNS/$name.serve.txt" 2>/dev/null && return 0
+        kill -0 "$SERVER_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    echo "ricochet serve did not start in the lab:" >&2
+    cat "$RUNS/$name.serve.txt" >&2
+    exit 1
+}
+lab_bench() { # lab_bench NAME KIND SPEC "ARGS" key=value...
+    local name="$1" kind="$2" spec="$3" args="$4"; shift 4
+    log_cmd "ip netns exec $LAB_CLI $RICOCHET bench $spec $args --cpus $CLIENT_CPU --json --hgrm $name.hgrm"
+    # shellcheck disable=SC2086
+    ip netns exec "$LAB_CLI" "$RICOCHET" bench "$spec" $args --cpus "$CLIENT_CPU" --json --hgrm "$RUNS/$name.hgrm" >"$RUNS/$name.json"
+    record "$kind" "$name.json" client=ricochet-bench-spin "$@"
+}
+lab_sockperf() { # lab_sockperf NAME key=value...
+    local name="$1"; shift
+    log_cmd "ip netns exec $LAB_CLI taskset -c $CLIENT_CPU sockperf ping-pong --full-rtt -i $LAB_ADDR -p 11111 -t $DURATION"
+    ip netns exec "$LAB_CLI" taskset -c "$CLIENT_CPU" sockperf ping-pong --full-rtt -i "$LAB_ADDR" -p 11111 -t "$DURATION" >"$RUNS/$name.txt" 2>&1
+    record lab-latency "$name.txt" client=sockperf "$@"
+}
+lab_mode() { # lab_mode ROUND MODE
+    local round="$1" mode="$2" args
+    case "$mode" in
+        kernel-block) args=(--mode kernel --poll block) ;;
+        kernel-spin) args=(--mode kernel --poll spin) ;;
+        afxdp) args=(--mode afxdp --iface veth-srv --poll spin) ;;
+    esac
+    lab_server "lab-$mode-r$round" "${args[@]}"
+    # The bench client spins so its own wake-up does not hide the server's differences; sockperf's
+    # client blocks. Both see every mode.
+    lab_bench "lab-lat-$mode-bench-r$round" lab-latency "udp://$LAB_ADDR:7777" "--duration ${DURATION}s --warmup 500ms --spin" mode="$mode" round="$round"
+    lab_sockperf "lab-lat-$mode-sockperf-r$round" mode="$mode" round="$round"
+    lab_bench "lab-tput-$mode-r$round" lab-throughput "udp://$LAB_ADDR:7777" "--duration ${DURATION}s --warmup 500ms -c 16 -d 16 --timeout 2s" mode="$mode" round="$round"
+    stop_server
+}
+for round in $(seq "$ROUNDS"); do
+    if [ $((round % 2)) = 1 ]; then order="kernel-block kernel-spin afxdp"; else order="afxdp kernel-spin kernel-block"; fi
+    for mode in $order; do lab_mode "$round" "$mode"; done
+done
+lab_down
 
 echo "== report"
 python3 "$ROOT/bench/report.py" "$OUT"

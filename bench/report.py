@@ -101,6 +101,42 @@ def throughput_table(runs):
     return "\n".join(rows)
 
 
+def lab_section(runs):
+    """Median over rounds per (mode, client); ratios against kernel spin and kernel block."""
+    lat, tput = {}, {}
+    for r in runs:
+        if r["kind"] == "lab-latency":
+            lat.setdefault((r["mode"], r["client"]), []).append(r["result"])
+        elif r["kind"] == "lab-throughput":
+            tput.setdefault(r["mode"], []).append(r["result"])
+    if not lat:
+        return "(not measured)"
+    med = {}
+    for key, results in lat.items():
+        med[key] = {k: median([x["latency_us"][k] for x in results]) for k in ["p50", "p90", "p99", "p99.9", "max"]}
+        med[key]["rounds"] = len(results)
+        med[key]["lost"] = sum(x["lost"] for x in results)
+    order = ["kernel-block", "kernel-spin", "afxdp", "xdp"]
+    rows = ["| mode | client | rounds | p50 µs | p99 µs | p99.9 µs | max µs | lost | p50 / spin | p99 / spin | p50 / block | p99 / block |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (mode, client) in sorted(med, key=lambda k: (k[1], order.index(k[0]) if k[0] in order else 9)):
+        l = med[(mode, client)]
+        spin = med.get(("kernel-spin", client))
+        block = med.get(("kernel-block", client))
+        ratio = lambda base, k: "%.2f" % (l[k] / base[k]) if base and base[k] > 0 else "–"
+        rows.append("| %s | %s | %d | %s | %s | %s | %s | %d | %s | %s | %s | %s |" % (
+            mode, client, l["rounds"], fmt(l["p50"]), fmt(l["p99"]), fmt(l["p99.9"]), fmt(l["max"]), l["lost"],
+            ratio(spin, "p50"), ratio(spin, "p99"), ratio(block, "p50"), ratio(block, "p99")))
+    rows += ["", "| mode | closed-loop replies/s (16 connections x 16 deep, median) | p50 µs | p99 µs | lost |", "|---|---|---|---|---|"]
+    for mode in sorted(tput, key=lambda m: order.index(m) if m in order else 9):
+        results = tput[mode]
+        rows.append("| %s | %.0f | %s | %s | %d |" % (
+            mode, median([x["throughput_rps"] for x in results]),
+            fmt(median([x["latency_us"]["p50"] for x in results])), fmt(median([x["latency_us"]["p99"] for x in results])),
+            sum(x["lost"] for x in results)))
+    return "\n".join(rows)
+
+
 def idle_section(runs):
     idle = [r for r in runs if r["kind"] == "idle"]
     if not idle:
@@ -143,7 +179,7 @@ def main():
     runs = load_runs(out / "runs")
     commands = (out / "commands.txt").read_text() if (out / "commands.txt").exists() else ""
     text = "\n".join([
-        "# ricochet kernel datapath on loopback vs sockperf's server",
+        "# ricochet benchmark: loopback vs sockperf's server, and kernel vs AF_XDP in a veth lab",
         "",
         "Machine: " + machine() + ". Server pinned to the last CPU, client to CPU 0.",
         "",
@@ -156,6 +192,12 @@ def main():
         "## Counter throughput (bench client, one server worker)",
         "",
         throughput_table(runs),
+        "",
+        "## veth lab: kernel vs AF_XDP (UDP counter ping-pong, sockperf ping-pong, closed-loop throughput)",
+        "",
+        "Two namespaces joined by a one-queue veth pair; responder on the last CPU, client on CPU 0. Ratios are against kernel spin and kernel block with the same client in the same run.",
+        "",
+        lab_section(runs),
         "",
         "## Memory of idle connections",
         "",
