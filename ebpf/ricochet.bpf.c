@@ -1,11 +1,15 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
-/* ricochet's XDP steering program: frames for a UDP listener go to the AF_XDP socket of their RX
- * queue; everything else goes to the kernel untouched.
+/* ricochet's XDP programs.
  *
- * Parses Ethernet (up to two VLAN tags), IPv4 without options and IPv6 without extension headers,
- * then UDP. A frame for a listener that cannot hold a valid request (wrong payload length for the
- * protocol, truncated, first fragment) is dropped here and counted by reason; it never reaches
- * userspace. Minimum kernel: 5.9 (BPF link attach), written against 5.15+ helpers only.
+ * ricochet_steer (afxdp mode): frames for a UDP listener go to the AF_XDP socket of their RX queue.
+ * ricochet_respond (xdp mode): frames for a UDP listener are verified, counted and answered here,
+ *   with XDP_TX; the counter lives in a BPF_F_MMAPABLE array that userspace maps and shares.
+ *
+ * Both listener programs parse Ethernet (up to two VLAN tags), IPv4 without options and IPv6 without
+ * extension headers, then UDP; everything else goes to the kernel untouched. A frame for a listener
+ * that cannot hold a valid request (wrong payload length for the protocol, truncated, first
+ * fragment; for the responder also a bad hash) is dropped and counted by reason, never answered.
+ * Minimum kernel: 5.12 (BPF atomic fetch-and-add; BPF link attach needs 5.9), written for 5.15+.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -36,6 +40,14 @@ struct {
 	__type(key, struct listener_key);
 	__type(value, struct listener_value);
 } listeners SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct counter_value);
+} counter SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -110,69 +122,315 @@ static __always_inline int check_udp(struct cursor *c, struct udphdr *udp, void 
 	return -1;
 }
 
-static __always_inline int steer(struct xdp_md *ctx)
+/* A UDP datagram for a listener, located in the frame. */
+struct request {
+	struct ethhdr *eth;
+	struct iphdr *ip;     /* IPv4, or NULL */
+	struct ipv6hdr *ip6;  /* IPv6, or NULL */
+	struct udphdr *udp;
+	__u8 protocol;
+};
+
+/* Parses a frame. Returns -1 when it is a datagram for a listener that may be a valid request (req
+ * filled in); otherwise the statistic to count, with *action the verdict to return. */
+static __always_inline int parse_request(struct xdp_md *ctx, struct request *req, int *action)
 {
 	struct cursor c = { .pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end };
+	*action = XDP_PASS;
+	req->eth = c.pos;
 	int proto = parse_eth(&c);
 	if (proto < 0)
-		return verdict(STAT_PASSED, XDP_PASS);
+		return STAT_PASSED;
 
 	struct listener_key key = {};
 	struct udphdr *udp;
 	void *ip_payload_end;
 	int first_fragment = 0;
+	req->ip = 0;
+	req->ip6 = 0;
 
 	if (proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = c.pos;
 		if ((void *)(ip + 1) > c.end)
-			return verdict(STAT_PASSED, XDP_PASS);
+			return STAT_PASSED;
 		/* Options and non-UDP traffic belong to the kernel. */
 		if (ip->ihl != 5 || ip->protocol != IPPROTO_UDP)
-			return verdict(STAT_PASSED, XDP_PASS);
+			return STAT_PASSED;
 		__u16 frag = bpf_ntohs(ip->frag_off);
 		/* A later fragment carries no UDP header: nothing to match, the kernel reassembles. */
 		if (frag & IP_OFFSET_)
-			return verdict(STAT_PASSED, XDP_PASS);
+			return STAT_PASSED;
 		first_fragment = (frag & IP_MF_) != 0;
 		udp = (void *)(ip + 1);
 		ip_payload_end = (void *)ip + bpf_ntohs(ip->tot_len);
 		key.family = 4;
 		__builtin_memcpy(key.addr, &ip->daddr, 4);
+		req->ip = ip;
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = c.pos;
 		if ((void *)(ip6 + 1) > c.end)
-			return verdict(STAT_PASSED, XDP_PASS);
+			return STAT_PASSED;
 		if (ip6->nexthdr != IPPROTO_UDP)
-			return verdict(STAT_PASSED, XDP_PASS);
+			return STAT_PASSED;
 		udp = (void *)(ip6 + 1);
 		ip_payload_end = (void *)(ip6 + 1) + bpf_ntohs(ip6->payload_len);
 		key.family = 6;
 		__builtin_memcpy(key.addr, &ip6->daddr, 16);
+		req->ip6 = ip6;
 	} else {
-		return verdict(STAT_PASSED, XDP_PASS);
+		return STAT_PASSED;
 	}
 
 	if ((void *)(udp + 1) > c.end)
-		return verdict(STAT_PASSED, XDP_PASS);
+		return STAT_PASSED;
 	key.port = udp->dest;
 	struct listener_value *listener = find_listener(&key);
 	if (!listener)
-		return verdict(STAT_PASSED, XDP_PASS);
+		return STAT_PASSED;
+	*action = XDP_DROP;
 	if (first_fragment)
-		return verdict(STAT_DROP_FRAGMENT, XDP_DROP);
+		return STAT_DROP_FRAGMENT;
 	int bad = check_udp(&c, udp, ip_payload_end, listener);
 	if (bad >= 0)
-		return verdict(bad, XDP_DROP);
+		return bad;
+	req->udp = udp;
+	req->protocol = listener->protocol;
+	return -1;
+}
 
+static __always_inline int steer(struct xdp_md *ctx)
+{
+	struct request req;
+	int action;
+	int stat = parse_request(ctx, &req, &action);
+	if (stat >= 0)
+		return verdict(stat, action);
 	/* XDP_PASS when no AF_XDP socket sits in this queue's slot: the kernel path answers. */
-	int action = bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_PASS);
+	action = bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_PASS);
 	return verdict(action == XDP_REDIRECT ? STAT_STEERED : STAT_NO_SOCKET, action);
+}
+
+/* xxh64 (seed 0) of the ASCII decimal string of v, as the counter protocol defines it.
+ *
+ * The digits are packed into three little-endian words (the string is at most 20 bytes) using only
+ * register arithmetic, so the verifier sees no variable stack offsets; every loop is unrolled. */
+#define XXH_P1 0x9E3779B185EBCA87ULL
+#define XXH_P2 0xC2B2AE3D27D4EB4FULL
+#define XXH_P3 0x165667B19E3779F9ULL
+#define XXH_P4 0x85EBCA77C2B2AE63ULL
+#define XXH_P5 0x27D4EB2F165667C5ULL
+
+static __always_inline __u64 rotl64(__u64 x, int r)
+{
+	return (x << r) | (x >> (64 - r));
+}
+
+static __always_inline __u64 xxh_round(__u64 acc, __u64 input)
+{
+	acc += input * XXH_P2;
+	acc = rotl64(acc, 31);
+	return acc * XXH_P1;
+}
+
+static __always_inline __u64 decimal_xxh64(__u64 v)
+{
+	__u8 digit[20] = {};
+	__u32 n = 0;
+	__u64 t = v;
+	/* Least significant digit first. */
+#pragma unroll
+	for (int i = 0; i < 20; i++) {
+		digit[i] = t % 10;
+		t /= 10;
+		n++;
+		if (t == 0)
+			break;
+	}
+	/* Most significant first into the string, byte k at bit 8*(k%8) of word k/8. */
+	__u64 w0 = 0, w1 = 0, w2 = 0;
+	__u32 pos = 0;
+#pragma unroll
+	for (int i = 19; i >= 0; i--) {
+		if ((__u32)i < n) {
+			__u64 b = '0' + digit[i];
+			if (pos < 8)
+				w0 |= b << (pos * 8);
+			else if (pos < 16)
+				w1 |= b << ((pos - 8) * 8);
+			else
+				w2 |= b << ((pos - 16) * 8);
+			pos++;
+		}
+	}
+	__u64 h = XXH_P5 + n;
+	__u64 tail = w0;
+	if (n >= 8) {
+		h ^= xxh_round(0, w0);
+		h = rotl64(h, 27) * XXH_P1 + XXH_P4;
+		tail = w1;
+	}
+	if (n >= 16) {
+		h ^= xxh_round(0, w1);
+		h = rotl64(h, 27) * XXH_P1 + XXH_P4;
+		tail = w2;
+	}
+	__u32 rest = n & 7;
+	if (rest >= 4) {
+		h ^= (tail & 0xffffffffULL) * XXH_P1;
+		h = rotl64(h, 23) * XXH_P2 + XXH_P3;
+		tail >>= 32;
+		rest -= 4;
+	}
+#pragma unroll
+	for (int j = 0; j < 3; j++) {
+		if ((__u32)j < rest) {
+			h ^= (tail & 0xff) * XXH_P5;
+			h = rotl64(h, 11) * XXH_P1;
+			tail >>= 8;
+		}
+	}
+	h ^= h >> 33;
+	h *= XXH_P2;
+	h ^= h >> 29;
+	h *= XXH_P3;
+	h ^= h >> 32;
+	return h;
+}
+
+static __always_inline __u32 fold_add(__u32 sum, __u16 word)
+{
+	return sum + word;
+}
+
+/* The largest UDP datagram the responder checksums: a 1500-byte MTU frame. */
+#define MAX_UDP_WORDS (1500 / 2)
+
+/* Full UDP checksum of the datagram as it stands in the frame (veth leaves request checksums
+ * partial, so an incremental update would be wrong). */
+static __always_inline __u16 udp_checksum(struct request *req, void *data_end)
+{
+	struct udphdr *udp = req->udp;
+	__u32 sum = 0;
+	if (req->ip) {
+		__u16 *a = (void *)&req->ip->saddr;
+		if ((void *)(a + 4) > data_end)
+			return 0;
+#pragma unroll
+		for (int i = 0; i < 4; i++)
+			sum = fold_add(sum, a[i]);
+	} else if (req->ip6) {
+		__u16 *a = (void *)&req->ip6->saddr;
+		if ((void *)(a + 16) > data_end)
+			return 0;
+#pragma unroll
+		for (int i = 0; i < 16; i++)
+			sum = fold_add(sum, a[i]);
+	} else {
+		return 0;
+	}
+	sum += bpf_htons(IPPROTO_UDP);
+	sum += udp->len;
+	__u16 udp_len = bpf_ntohs(udp->len);
+	__u16 words = udp_len / 2;
+	__u16 *w = (void *)udp;
+	for (int i = 0; i < MAX_UDP_WORDS; i++) {
+		if (i >= words)
+			break;
+		if ((void *)(w + i + 1) > data_end)
+			break;
+		sum += w[i];
+	}
+	if (udp_len & 1) {
+		__u8 *last = (void *)udp + (udp_len & 0x7fe);
+		if ((void *)(last + 1) <= data_end) {
+			/* The odd byte is the high byte of a word padded with zero, in network order. */
+			sum += bpf_htons((__u16)(*last) << 8);
+		}
+	}
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	__u16 check = ~sum & 0xffff;
+	return check ? check : 0xffff;
+}
+
+static __always_inline void swap_bytes(__u8 *a, __u8 *b, int n)
+{
+#pragma unroll
+	for (int i = 0; i < 16; i++) {
+		if (i < n) {
+			__u8 t = a[i];
+			a[i] = b[i];
+			b[i] = t;
+		}
+	}
+}
+
+static __always_inline int respond(struct xdp_md *ctx)
+{
+	struct request req;
+	int action;
+	int stat = parse_request(ctx, &req, &action);
+	if (stat >= 0)
+		return verdict(stat, action);
+	void *data_end = (void *)(long)ctx->data_end;
+	__u8 *payload = (void *)(req.udp + 1);
+
+	if (req.protocol == PROTO_COUNTER) {
+		if ((void *)(payload + 16) > data_end)
+			return verdict(STAT_DROP_TRUNCATED, XDP_DROP);
+		__u64 increment, hash;
+		__builtin_memcpy(&increment, payload, 8);
+		__builtin_memcpy(&hash, payload + 8, 8);
+		increment = bpf_be64_to_cpu(increment);
+		if (decimal_xxh64(increment) != bpf_be64_to_cpu(hash))
+			return verdict(STAT_DROP_BAD_HASH, XDP_DROP);
+		__u32 zero = 0;
+		struct counter_value *c = bpf_map_lookup_elem(&counter, &zero);
+		if (!c)
+			return XDP_ABORTED;
+		/* BPF_ATOMIC | BPF_FETCH (kernel 5.12): the value before this request's add. */
+		__u64 value = __sync_fetch_and_add(&c->value, increment) + increment;
+		__u64 reply_value = bpf_cpu_to_be64(value);
+		__u64 reply_hash = bpf_cpu_to_be64(decimal_xxh64(value));
+		__builtin_memcpy(payload, &reply_value, 8);
+		__builtin_memcpy(payload + 8, &reply_hash, 8);
+	} else if (req.protocol == PROTO_SOCKPERF) {
+		if ((void *)(payload + 14) > data_end)
+			return verdict(STAT_DROP_TRUNCATED, XDP_DROP);
+		/* Clear the reply-request flag: bit 0x0001 of the big-endian u16 at offset 8. */
+		payload[9] &= ~1;
+	}
+
+	/* The reply is the request with addresses and ports swapped. Swapping leaves the IPv4 header
+	 * checksum valid (a ones' complement sum does not depend on word order). */
+	if ((void *)(req.eth + 1) > data_end)
+		return XDP_ABORTED;
+	swap_bytes(req.eth->h_dest, req.eth->h_source, 6);
+	if (req.ip) {
+		__u32 a = req.ip->saddr;
+		req.ip->saddr = req.ip->daddr;
+		req.ip->daddr = a;
+	} else if (req.ip6) {
+		swap_bytes((__u8 *)&req.ip6->saddr, (__u8 *)&req.ip6->daddr, 16);
+	}
+	__u16 port = req.udp->source;
+	req.udp->source = req.udp->dest;
+	req.udp->dest = port;
+	req.udp->check = 0;
+	req.udp->check = udp_checksum(&req, data_end);
+	return verdict(STAT_TX, XDP_TX);
 }
 
 SEC("xdp")
 int ricochet_steer(struct xdp_md *ctx)
 {
 	return steer(ctx);
+}
+
+SEC("xdp")
+int ricochet_respond(struct xdp_md *ctx)
+{
+	return respond(ctx);
 }
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";

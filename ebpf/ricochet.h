@@ -35,7 +35,14 @@ enum xdp_stat {
 	STAT_DROP_TOO_SHORT = 4, /* sockperf payload shorter than 14 bytes */
 	STAT_DROP_TRUNCATED = 5, /* IP or UDP length beyond the frame, or UDP length below 8 */
 	STAT_DROP_FRAGMENT = 6,  /* first fragment of a fragmented datagram for a listener */
-	STAT_COUNT = 7,
+	STAT_TX = 7,             /* answered in the XDP program (XDP_TX) */
+	STAT_DROP_BAD_HASH = 8,  /* counter frame whose hash does not match its value (responder only) */
+	STAT_COUNT = 9,
+};
+
+/* The global counter: one u64 in a BPF_F_MMAPABLE array, shared with userspace by mmap. */
+struct counter_value {
+	__u64 value;
 };
 
 #define MAX_LISTENERS 64

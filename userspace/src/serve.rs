@@ -15,7 +15,14 @@ use crate::spec::{CpuId, CpuList, ListenSpec, Transport};
 use crate::stats::StatsSnapshot;
 use crate::sys;
 use crate::xdp::maps::XdpStat;
-use crate::xdp::XdpAttachMode;
+use crate::xdp::{AttachedMode, ProgramKind, XdpAttachMode, XdpProgram};
+
+/// The datapath beside the kernel path, if any.
+enum Bypass {
+    None,
+    Afxdp(afxdp::AfXdpDatapath),
+    Xdp(XdpProgram, AttachedMode),
+}
 
 /// Which datapath answers requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -26,6 +33,9 @@ pub enum Mode {
     /// An XDP program steers UDP listener frames into AF_XDP sockets; pinned workers answer in UMEM.
     /// The kernel path keeps serving loopback, TCP, Unix and queues without a socket.
     Afxdp,
+    /// The XDP program verifies, counts and answers UDP listener frames itself (XDP_TX); the kernel
+    /// path serves the rest, on the same counter.
+    Xdp,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -67,7 +77,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u16).range(64..))]
     pub max_datagram: u16,
 
-    /// Network interface for the afxdp mode.
+    /// Network interface for the afxdp and xdp modes.
     #[arg(long, value_name = "IF")]
     pub iface: Option<String>,
 
@@ -144,6 +154,14 @@ pub fn resolve_cpus(requested: Option<&CpuList>) -> Result<Vec<CpuId>> {
     Ok(requested.0.clone())
 }
 
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Kernel => "kernel",
+        Mode::Afxdp => "afxdp",
+        Mode::Xdp => "xdp",
+    }
+}
+
 fn poll_name(poll: PollMode) -> &'static str {
     match poll {
         PollMode::Spin => "spin",
@@ -162,18 +180,23 @@ pub fn run(args: ServeArgs) -> Result<()> {
         })
         .collect();
     match (args.mode, &args.iface) {
-        (Mode::Kernel, Some(_)) => {
-            bail!("--iface applies to --mode afxdp only: drop it, or add --mode afxdp")
-        }
-        (Mode::Afxdp, None) => {
-            bail!("--mode afxdp needs --iface IF: the interface whose queues to serve")
-        }
-        (Mode::Afxdp, Some(_)) if udp_listeners.is_empty() => {
-            bail!("--mode afxdp serves UDP listeners: add --listen udp://ADDR:PORT")
-        }
-        (Mode::Afxdp, Some(_)) if udp_listeners.iter().any(|(a, _)| a.port() == 0) => {
+        (Mode::Kernel, Some(_)) => bail!(
+            "--iface applies to --mode afxdp and xdp only: drop it, or pick one of those modes"
+        ),
+        (Mode::Afxdp | Mode::Xdp, None) => bail!(
+            "--mode {} needs --iface IF: the interface to serve",
+            mode_name(args.mode)
+        ),
+        (Mode::Afxdp | Mode::Xdp, Some(_)) if udp_listeners.is_empty() => {
             bail!(
-                "--mode afxdp needs fixed UDP ports (the XDP program matches them): replace port 0"
+                "--mode {} serves UDP listeners: add --listen udp://ADDR:PORT",
+                mode_name(args.mode)
+            )
+        }
+        (Mode::Afxdp | Mode::Xdp, Some(_)) if udp_listeners.iter().any(|(a, _)| a.port() == 0) => {
+            bail!(
+                "--mode {} needs fixed UDP ports (the XDP program matches them): replace port 0",
+                mode_name(args.mode)
             )
         }
         _ => {}
@@ -190,7 +213,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     // afxdp workers spin by default; the kernel path blocks unless told otherwise (in afxdp mode it
     // is only the fallback, so it always blocks).
     let poll = args.poll.unwrap_or(match args.mode {
-        Mode::Kernel => PollMode::Block,
+        Mode::Kernel | Mode::Xdp => PollMode::Block,
         Mode::Afxdp => PollMode::Spin,
     });
     let kernel_poll = if args.mode == Mode::Kernel {
@@ -203,7 +226,18 @@ pub fn run(args: ServeArgs) -> Result<()> {
         batch: args.batch as usize,
         max_datagram: args.max_datagram as usize,
     };
-    let counter: Arc<dyn Counter> = Arc::new(LocalCounter::new(0));
+    // In xdp mode the counter lives in the program's BPF_F_MMAPABLE map, shared by both paths.
+    let responder = match (args.mode, &args.iface) {
+        (Mode::Xdp, Some(iface)) => {
+            afxdp::check_listener_addresses(iface, &udp_listeners)?;
+            Some(XdpProgram::load(ProgramKind::Respond, &udp_listeners)?)
+        }
+        _ => None,
+    };
+    let counter: Arc<dyn Counter> = match &responder {
+        Some(program) => Arc::new(program.counter()?),
+        None => Arc::new(LocalCounter::new(0)),
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let scheduling = Scheduling {
         fifo_priority: args.sched_fifo,
@@ -217,8 +251,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
         stop.clone(),
     )?;
 
-    let bypass = match (args.mode, &args.iface) {
-        (Mode::Afxdp, Some(iface)) => {
+    let stop_kernel = |workers: &[kernel::KernelWorker]| {
+        stop.store(true, Ordering::Relaxed);
+        for worker in workers {
+            let _ = worker.wake.write(1);
+        }
+    };
+    let bypass = match (args.mode, &args.iface, responder) {
+        (Mode::Afxdp, Some(iface), _) => {
             let queues: Vec<u32> = match &args.queues {
                 Some(list) => list.0.iter().map(|q| q.0 as u32).collect(),
                 None => (0..afxdp::rx_queue_count(iface)?).collect(),
@@ -235,7 +275,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 poll,
                 batch: args.batch as u32,
             };
-            let started = afxdp::start(
+            match afxdp::start(
                 &params,
                 &udp_listeners,
                 &queues,
@@ -244,19 +284,24 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 args.force,
                 counter.clone(),
                 stop.clone(),
-            );
-            match started {
-                Ok(datapath) => Some(datapath),
+            ) {
+                Ok(datapath) => Bypass::Afxdp(datapath),
                 Err(e) => {
-                    stop.store(true, Ordering::Relaxed);
-                    for worker in &workers {
-                        let _ = worker.wake.write(1);
-                    }
+                    stop_kernel(&workers);
                     return Err(e);
                 }
             }
         }
-        _ => None,
+        (Mode::Xdp, Some(iface), Some(mut program)) => {
+            match program.attach(iface, args.xdp_mode, args.force) {
+                Ok(attached) => Bypass::Xdp(program, attached),
+                Err(e) => {
+                    stop_kernel(&workers);
+                    return Err(e);
+                }
+            }
+        }
+        _ => Bypass::None,
     };
 
     let mut out = std::io::stdout().lock();
@@ -264,14 +309,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
         writeln!(out, "listening {spec}")?;
     }
     match &bypass {
-        None => writeln!(
+        Bypass::None => writeln!(
             out,
             "ready mode=kernel workers={} cpus={} poll={}",
             workers.len(),
             CpuList(cpus.clone()),
             poll_name(poll)
         )?,
-        Some(dp) => {
+        Bypass::Afxdp(dp) => {
             let queues: Vec<String> = dp
                 .workers
                 .iter()
@@ -288,6 +333,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 workers.len()
             )?
         }
+        Bypass::Xdp(_, attached) => writeln!(
+            out,
+            "ready mode=xdp iface={} xdp={attached} kernel_workers={} kernel_poll={}",
+            args.iface.as_deref().unwrap_or_default(),
+            workers.len(),
+            poll_name(kernel_poll)
+        )?,
     }
     out.flush()?;
     drop(out);
@@ -298,9 +350,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             tracing::info!("signal {signal} received, stopping");
             break;
         }
-        let bypass_died = bypass
-            .as_ref()
-            .is_some_and(|dp| dp.workers.iter().any(|w| w.handle.is_finished()));
+        let bypass_died = matches!(&bypass, Bypass::Afxdp(dp) if dp.workers.iter().any(|w| w.handle.is_finished()));
         if workers.iter().any(|w| w.handle.is_finished()) || bypass_died {
             failure = Some("a worker stopped unexpectedly");
             break;
@@ -324,41 +374,55 @@ pub fn run(args: ServeArgs) -> Result<()> {
         total.merge(&snapshot);
         lines.push(format!("worker {index} cpu={} {snapshot}", worker.cpu));
     }
-    if let Some(dp) = bypass {
-        for worker in dp.workers {
-            let xsk = match worker.handle.join() {
-                Ok(Ok(xsk)) => xsk.to_string(),
-                Ok(Err(e)) => {
-                    errors.push(format!("queue {}: {e:#}", worker.queue));
-                    "xsk unavailable".to_string()
-                }
-                Err(_) => {
-                    errors.push(format!("queue {} worker panicked", worker.queue));
-                    "xsk unavailable".to_string()
-                }
-            };
-            let snapshot = worker.stats.snapshot();
-            total.merge(&snapshot);
-            lines.push(format!(
-                "afxdp queue={} cpu={} {snapshot} {xsk}",
-                worker.queue, worker.cpu
-            ));
+    let program = match bypass {
+        Bypass::None => None,
+        Bypass::Afxdp(dp) => {
+            for worker in dp.workers {
+                let xsk = match worker.handle.join() {
+                    Ok(Ok(xsk)) => xsk.to_string(),
+                    Ok(Err(e)) => {
+                        errors.push(format!("queue {}: {e:#}", worker.queue));
+                        "xsk unavailable".to_string()
+                    }
+                    Err(_) => {
+                        errors.push(format!("queue {} worker panicked", worker.queue));
+                        "xsk unavailable".to_string()
+                    }
+                };
+                let snapshot = worker.stats.snapshot();
+                total.merge(&snapshot);
+                lines.push(format!(
+                    "afxdp queue={} cpu={} {snapshot} {xsk}",
+                    worker.queue, worker.cpu
+                ));
+            }
+            Some(dp.program)
         }
-        match dp.program.stats() {
-            Ok(stats) => {
+        Bypass::Xdp(program, _) => Some(program),
+    };
+    if let Some(program) = &program {
+        // Requests the program answered or dropped itself count in the totals too.
+        match (program.stats(), program.in_kernel_totals()) {
+            (Ok(stats), Ok((replies, drops))) => {
                 let fields: Vec<String> = XdpStat::ALL
                     .iter()
                     .map(|s| format!("{}={}", s.as_str(), stats[*s as usize]))
                     .collect();
                 lines.push(format!("xdp {}", fields.join(" ")));
+                total.add_in_kernel(replies, &drops);
             }
-            Err(e) => errors.push(format!("cannot read the XDP program's statistics: {e:#}")),
+            (Err(e), _) | (_, Err(e)) => {
+                errors.push(format!("cannot read the XDP program's statistics: {e:#}"))
+            }
         }
-        // Dropping the program closes its BPF link: the interface is left as it was.
-        drop(dp.program);
     }
+    // The final counter is read before the program goes: in xdp mode it lives in the program's map.
+    let final_counter = counter.load();
+    drop(counter);
+    // Dropping the program closes its BPF link: the interface is left as it was.
+    drop(program);
     let mut out = std::io::stdout().lock();
-    writeln!(out, "final counter={}", counter.load())?;
+    writeln!(out, "final counter={final_counter}")?;
     for line in lines {
         writeln!(out, "{line}")?;
     }

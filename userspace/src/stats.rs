@@ -15,14 +15,20 @@ pub enum DropReason {
     TooShort,
     /// A datagram larger than the receive buffer (cut by the kernel: MSG_TRUNC).
     Oversize,
+    /// A frame whose IP or UDP length runs past its end (dropped in XDP).
+    Truncated,
+    /// The first fragment of a fragmented datagram (dropped in XDP).
+    Fragment,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 4] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::WrongLength,
         DropReason::BadHash,
         DropReason::TooShort,
         DropReason::Oversize,
+        DropReason::Truncated,
+        DropReason::Fragment,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -37,6 +43,8 @@ impl DropReason {
             DropReason::BadHash => "bad_hash",
             DropReason::TooShort => "too_short",
             DropReason::Oversize => "oversize",
+            DropReason::Truncated => "truncated",
+            DropReason::Fragment => "fragment",
         }
     }
 }
@@ -153,6 +161,18 @@ impl StatsSnapshot {
         self.conns_opened += other.conns_opened;
         self.conns_closed += other.conns_closed;
         self.conns_rejected += other.conns_rejected;
+    }
+}
+
+impl StatsSnapshot {
+    /// Counts requests an XDP program handled itself: `replies` answered, `drops` dropped by reason.
+    pub fn add_in_kernel(&mut self, replies: u64, drops: &[(DropReason, u64)]) {
+        self.requests += replies;
+        self.replies += replies;
+        for &(reason, n) in drops {
+            self.requests += n;
+            self.drops[reason.index()] += n;
+        }
     }
 }
 

@@ -4,19 +4,13 @@
 
 mod common;
 
-use std::net::{SocketAddr, UdpSocket};
 use std::process::Command;
-use std::sync::Arc;
+
 use std::time::Duration;
 
 use common::*;
 
-const COUNTER_PORT: u16 = 7777;
 const SOCKPERF_PORT: u16 = 11111;
-
-fn addr(port: u16) -> SocketAddr {
-    format!("{LAB_SERVER}:{port}").parse().unwrap()
-}
 
 fn start(lab: &LabNet, xdp_mode: &str, extra: &[&str]) -> Server {
     let counter = format!("udp://{LAB_SERVER}:{COUNTER_PORT}");
@@ -53,78 +47,6 @@ fn queue_field(output: &str, queue: u32, key: &str) -> u64 {
         .unwrap()
 }
 
-fn bench_json_in(lab: &LabNet, args: &[&str]) -> serde_json::Value {
-    let mut full = vec!["bench"];
-    full.extend_from_slice(args);
-    full.push("--json");
-    let (ok, out) = lab.client_cmd(BIN, &full);
-    assert!(ok, "bench {args:?}: {out}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("bench JSON: {e}: {out}"))
-}
-
-fn exactness_in_lab(lab: &LabNet, server: &Server) -> u64 {
-    // Lab clients on many flows (the veth spreads them over both queues by flow hash) and loopback
-    // clients inside the responder namespace (kernel path), all at once on one counter.
-    let seen: Observations = Arc::default();
-    let mut threads = Vec::new();
-    for c in 0..16u64 {
-        let seen = seen.clone();
-        threads.push(in_netns(&lab.client_ns, move || {
-            udp_client(addr(COUNTER_PORT), 1000 + c, 300, seen)
-        }));
-    }
-    for c in 0..2u64 {
-        let seen = seen.clone();
-        threads.push(in_netns(&lab.server_ns, move || {
-            udp_client(addr(COUNTER_PORT), 2000 + c, 300, seen)
-        }));
-    }
-    for t in threads {
-        t.join().unwrap();
-    }
-    let seen = seen.lock().unwrap();
-    assert_eq!(seen.len(), 18 * 300);
-    let _ = server;
-    check_exact(&seen)
-}
-
-fn invalid_requests_are_never_answered(lab: &LabNet) {
-    let handle = in_netns(&lab.client_ns, || {
-        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
-        socket.connect(addr(COUNTER_PORT)).unwrap();
-        socket.set_read_timeout(Some(TIMEOUT)).unwrap();
-        // A read first, so the neighbour entry exists and nothing below waits for ARP.
-        socket.send(&frame(0)).unwrap();
-        let mut buf = [0u8; 64];
-        let n = socket.recv(&mut buf).unwrap();
-        let before = parse_reply(&buf[..n]);
-        for bytes in [
-            &b"aaaaaaaaaaaaaaaa"[..],
-            &[0u8; 16][..],
-            &[0xff; 16][..],
-            &frame(1)[..15],
-            &[1u8][..],
-        ] {
-            socket.send(bytes).unwrap();
-        }
-        socket.send(&frame(0)).unwrap();
-        let n = socket.recv(&mut buf).unwrap();
-        assert_eq!(
-            parse_reply(&buf[..n]),
-            before,
-            "invalid requests changed the counter"
-        );
-        socket
-            .set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        assert!(
-            socket.recv(&mut buf).is_err(),
-            "an invalid request was answered"
-        );
-    });
-    handle.join().unwrap();
-}
-
 #[test]
 fn afxdp_native_mode_end_to_end() {
     let Some(lab) = LabNet::create("n", 2) else {
@@ -133,7 +55,7 @@ fn afxdp_native_mode_end_to_end() {
     let server = start(&lab, "native", &[]);
     assert!(lab.server_has_xdp());
 
-    let sum = exactness_in_lab(&lab, &server);
+    let sum = exactness_in_lab(&lab);
     invalid_requests_are_never_answered(&lab);
 
     // Many flows with the bench client: every reply verified, none lost.
@@ -217,7 +139,7 @@ fn afxdp_generic_mode_and_sigkill_leave_nothing() {
     };
     let server = start(&lab, "generic", &["--poll", "block"]);
     assert!(lab.server_has_xdp());
-    let sum = exactness_in_lab(&lab, &server);
+    let sum = exactness_in_lab(&lab);
     assert!(sum > 0);
     // SIGKILL: no chance to clean up; the BPF link dies with the process.
     let _ = server.signal(nix::sys::signal::Signal::SIGKILL);

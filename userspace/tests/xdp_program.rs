@@ -8,14 +8,14 @@ use etherparse::{PacketBuilder, VlanId};
 use ricochet::core::Protocol;
 use ricochet::xdp::action::{DROP, PASS};
 use ricochet::xdp::maps::XdpStat;
-use ricochet::xdp::SteeringProgram;
+use ricochet::xdp::{ProgramKind, XdpProgram};
 
 const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
 const SERVER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const SERVER: [u8; 4] = [198, 18, 0, 1];
 const CLIENT: [u8; 4] = [198, 18, 0, 2];
 
-fn program() -> Option<SteeringProgram> {
+fn program() -> Option<XdpProgram> {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("SKIP: loading XDP programs needs root");
         return None;
@@ -26,7 +26,10 @@ fn program() -> Option<SteeringProgram> {
         ("0.0.0.0:11111".parse().unwrap(), Protocol::Sockperf),
         ("[2001:db8::1]:7777".parse().unwrap(), Protocol::Counter),
     ];
-    Some(SteeringProgram::load(&listeners).expect("the program loads and passes the verifier"))
+    Some(
+        XdpProgram::load(ProgramKind::Steer, &listeners)
+            .expect("the program loads and passes the verifier"),
+    )
 }
 
 fn udp4(port: u16, payload: &[u8]) -> Vec<u8> {
@@ -40,7 +43,7 @@ fn udp4(port: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Runs one frame; returns the verdict and which counter moved (exactly one must).
-fn run(prog: &mut SteeringProgram, frame: &[u8]) -> (u32, XdpStat) {
+fn run(prog: &mut XdpProgram, frame: &[u8]) -> (u32, XdpStat) {
     let before = prog.stats().unwrap();
     let mut out = vec![0u8; frame.len() + 256];
     let (verdict, _) = prog.test_run(frame, &mut out).unwrap();

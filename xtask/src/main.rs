@@ -28,7 +28,7 @@ tasks:
                         ARGS go to cargo test (e.g. -- --nocapture)
   lab up [--queues N]   two network namespaces joined by a veth pair with N queues (default 2):
                         ricochet-srv (veth-srv, 198.18.0.1/30) and ricochet-cli (veth-cli,
-                        198.18.0.2/30), no default route; idempotent
+                        198.18.0.2/30), no default route, XDP_PASS on veth-cli; idempotent
   lab down              remove the lab";
 
 fn main() -> ExitCode {
@@ -180,6 +180,14 @@ fn queues_of(ns: &str, iface: &str) -> Option<u32> {
     )
 }
 
+fn client_has_xdp() -> bool {
+    Command::new("ip")
+        .args(["-n", CLIENT_NS, "link", "show", "dev", CLIENT_IF])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("prog/xdp"))
+        .unwrap_or(false)
+}
+
 fn lab_up(queues: u32) -> Result<()> {
     if !is_root() {
         bail!("the lab needs root (network namespaces): run 'sudo cargo xtask lab up'");
@@ -190,6 +198,9 @@ fn lab_up(queues: u32) -> Result<()> {
         .flatten();
     if current == Some(queues) {
         println!("lab already up ({queues} queues)");
+        if !client_has_xdp() {
+            attach_client_pass()?;
+        }
     } else {
         if current.is_some() || ns_exists(SERVER_NS) || ns_exists(CLIENT_NS) {
             lab_down()?;
@@ -227,13 +238,16 @@ fn lab_up(queues: u32) -> Result<()> {
             ip(&["-n", ns, "link", "set", iface, "up"])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
+        attach_client_pass()?;
         println!("lab up: {queues} queues");
     }
     println!(
         "  {SERVER_NS}: {SERVER_IF} {SERVER_ADDR}/30    {CLIENT_NS}: {CLIENT_IF} {CLIENT_ADDR}/30    (no default route)
+  {CLIENT_IF} runs an XDP_PASS program so that XDP_TX replies (--mode xdp) reach it
 
 run a server:
   sudo ip netns exec {SERVER_NS} target/release/ricochet serve --mode afxdp --iface {SERVER_IF} --listen udp://{SERVER_ADDR}:7777
+  sudo ip netns exec {SERVER_NS} target/release/ricochet serve --mode xdp --iface {SERVER_IF} --listen udp://{SERVER_ADDR}:7777
   sudo ip netns exec {SERVER_NS} target/release/ricochet serve --mode kernel --listen udp://{SERVER_ADDR}:7777
 run the bench:
   sudo ip netns exec {CLIENT_NS} target/release/ricochet bench udp://{SERVER_ADDR}:7777 --duration 10s
@@ -241,6 +255,46 @@ tear down:
   sudo cargo xtask lab down"
     );
     Ok(())
+}
+
+/// XDP_TX frames sent into a veth reach the peer only when the peer has an XDP program: attach an
+/// XDP_PASS program to the client side (compiled here from ebpf/pass.bpf.c).
+fn attach_client_pass() -> Result<()> {
+    ensure_tools(&[
+        ("clang", "clang"),
+        ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
+    ])?;
+    let root = workspace_root();
+    let out_dir = root.join("target/xtask-ebpf");
+    std::fs::create_dir_all(&out_dir)?;
+    let object = out_dir.join("pass.bpf.o");
+    let multiarch = Command::new("gcc")
+        .arg("-print-multiarch")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "x86_64-linux-gnu".into());
+    run(Command::new("clang")
+        .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
+        .arg(format!("-I/usr/include/{multiarch}"))
+        .arg("-c")
+        .arg(root.join("ebpf/pass.bpf.c"))
+        .arg("-o")
+        .arg(&object))
+    .context("cannot compile ebpf/pass.bpf.c")?;
+    ip(&[
+        "-n",
+        CLIENT_NS,
+        "link",
+        "set",
+        "dev",
+        CLIENT_IF,
+        "xdpdrv",
+        "obj",
+        &object.to_string_lossy(),
+        "sec",
+        "xdp",
+    ])
+    .context("cannot attach the XDP_PASS program to the client side")
 }
 
 fn lab_down() -> Result<()> {

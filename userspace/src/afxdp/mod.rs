@@ -19,7 +19,7 @@ use crate::core::{Counter, Protocol};
 use crate::spec::CpuId;
 use crate::stats::WorkerStats;
 use crate::sys;
-use crate::xdp::{AttachedMode, SteeringProgram, XdpAttachMode};
+use crate::xdp::{AttachedMode, ProgramKind, XdpAttachMode, XdpProgram};
 
 /// A running AF_XDP worker.
 pub struct AfXdpWorker {
@@ -31,7 +31,7 @@ pub struct AfXdpWorker {
 
 /// The attached program and its workers. Dropping it detaches the program (its BPF link closes).
 pub struct AfXdpDatapath {
-    pub program: SteeringProgram,
+    pub program: XdpProgram,
     pub workers: Vec<AfXdpWorker>,
     pub attached: AttachedMode,
     pub zero_copy: bool,
@@ -108,7 +108,7 @@ pub fn start(
         }
     }
     check_listener_addresses(iface, listeners)?;
-    let mut program = SteeringProgram::load(listeners)?;
+    let mut program = XdpProgram::load(ProgramKind::Steer, listeners)?;
     let attached = program.attach(iface, xdp_mode, force)?;
     let protocols = Arc::new(worker::ListenerProtocols::new(listeners.to_vec()));
 

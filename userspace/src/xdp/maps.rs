@@ -83,10 +83,12 @@ pub enum XdpStat {
     DropTooShort = 4,
     DropTruncated = 5,
     DropFragment = 6,
+    Tx = 7,
+    DropBadHash = 8,
 }
 
 impl XdpStat {
-    pub const ALL: [XdpStat; 7] = [
+    pub const ALL: [XdpStat; 9] = [
         XdpStat::Steered,
         XdpStat::NoSocket,
         XdpStat::Passed,
@@ -94,6 +96,8 @@ impl XdpStat {
         XdpStat::DropTooShort,
         XdpStat::DropTruncated,
         XdpStat::DropFragment,
+        XdpStat::Tx,
+        XdpStat::DropBadHash,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -107,6 +111,21 @@ impl XdpStat {
             XdpStat::DropTooShort => "drop_too_short",
             XdpStat::DropTruncated => "drop_truncated",
             XdpStat::DropFragment => "drop_fragment",
+            XdpStat::Tx => "tx",
+            XdpStat::DropBadHash => "drop_bad_hash",
+        }
+    }
+
+    /// The core drop reason this statistic counts, if it is a drop.
+    pub const fn drop_reason(self) -> Option<crate::stats::DropReason> {
+        use crate::stats::DropReason;
+        match self {
+            XdpStat::DropWrongLength => Some(DropReason::WrongLength),
+            XdpStat::DropTooShort => Some(DropReason::TooShort),
+            XdpStat::DropTruncated => Some(DropReason::Truncated),
+            XdpStat::DropFragment => Some(DropReason::Fragment),
+            XdpStat::DropBadHash => Some(DropReason::BadHash),
+            XdpStat::Steered | XdpStat::NoSocket | XdpStat::Passed | XdpStat::Tx => None,
         }
     }
 }

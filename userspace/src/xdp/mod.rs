@@ -1,7 +1,8 @@
-//! The XDP program (`ebpf/ricochet.bpf.c`): loading it, configuring its listeners, attaching it to an
-//! interface through a BPF link (so it disappears with the process), reading its per-CPU statistics,
-//! and running it on crafted frames with BPF_PROG_TEST_RUN.
+//! The XDP programs (`ebpf/ricochet.bpf.c`): loading one, configuring its listeners, attaching it to
+//! an interface through a BPF link (so it disappears with the process), sharing its counter, reading
+//! its per-CPU statistics, and running it on crafted frames with BPF_PROG_TEST_RUN.
 
+pub mod counter;
 pub mod maps;
 
 use std::io;
@@ -10,16 +11,35 @@ use std::os::fd::AsRawFd;
 use std::process::Command;
 
 use anyhow::{anyhow, bail, Context, Result};
-use aya::maps::{HashMap, MapData, PerCpuArray, XskMap};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray, XskMap};
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::Ebpf;
 
 use crate::core::Protocol;
+use crate::stats::DropReason;
+use counter::MappedCounter;
 use maps::{ListenerKey, ListenerValue, XdpStat};
 
-/// The compiled steering program, built by build.rs.
+/// The compiled programs, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ricochet.bpf.o"));
-const PROGRAM: &str = "ricochet_steer";
+
+/// Which program of the object to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgramKind {
+    /// Steer listener frames into AF_XDP sockets (afxdp mode).
+    Steer,
+    /// Verify, count and answer listener frames with XDP_TX (xdp mode).
+    Respond,
+}
+
+impl ProgramKind {
+    const fn name(self) -> &'static str {
+        match self {
+            ProgramKind::Steer => "ricochet_steer",
+            ProgramKind::Respond => "ricochet_respond",
+        }
+    }
+}
 
 /// Where the XDP program runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -50,9 +70,10 @@ impl std::fmt::Display for AttachedMode {
     }
 }
 
-/// A loaded steering program, attached or not.
-pub struct SteeringProgram {
+/// A loaded program, attached or not.
+pub struct XdpProgram {
     ebpf: Ebpf,
+    kind: ProgramKind,
 }
 
 /// The verdicts XDP programs return (`enum xdp_action`).
@@ -77,22 +98,45 @@ fn explain_bpf_error(
     anyhow!(e).context(format!("{what}{hint}"))
 }
 
-impl SteeringProgram {
-    /// Loads the program into the kernel (verifier included) with its listeners configured.
-    pub fn load(listeners: &[(SocketAddr, Protocol)]) -> Result<SteeringProgram> {
+impl XdpProgram {
+    /// Loads one program into the kernel (verifier included) with its listeners configured.
+    pub fn load(kind: ProgramKind, listeners: &[(SocketAddr, Protocol)]) -> Result<XdpProgram> {
         let mut ebpf =
-            Ebpf::load(OBJECT).map_err(|e| explain_bpf_error(e, "cannot load the XDP program"))?;
+            Ebpf::load(OBJECT).map_err(|e| explain_bpf_error(e, "cannot load the XDP programs"))?;
         {
             let prog: &mut Xdp = ebpf
-                .program_mut(PROGRAM)
-                .ok_or_else(|| anyhow!("the BPF object has no program {PROGRAM}"))?
+                .program_mut(kind.name())
+                .ok_or_else(|| anyhow!("the BPF object has no program {}", kind.name()))?
                 .try_into()?;
-            prog.load()
-                .map_err(|e| explain_bpf_error(e, "the kernel rejected the XDP program"))?;
+            prog.load().map_err(|e| {
+                explain_bpf_error(
+                    e,
+                    &format!("the kernel rejected the XDP program {}", kind.name()),
+                )
+            })?;
         }
-        let mut program = SteeringProgram { ebpf };
+        let mut program = XdpProgram { ebpf, kind };
         program.set_listeners(listeners)?;
         Ok(program)
+    }
+
+    /// The global counter the responder program adds to, mapped into this process.
+    pub fn counter(&self) -> Result<MappedCounter> {
+        let Some(Map::Array(data)) = self.ebpf.map("counter") else {
+            bail!("the BPF object has no counter array");
+        };
+        MappedCounter::map(data.fd())
+            .context("cannot mmap the counter map (needs BPF_F_MMAPABLE, kernel 5.5+)")
+    }
+
+    /// The requests the program answered or dropped itself, as (replies, drops by reason).
+    pub fn in_kernel_totals(&self) -> Result<(u64, Vec<(DropReason, u64)>)> {
+        let stats = self.stats()?;
+        let drops = XdpStat::ALL
+            .iter()
+            .filter_map(|s| s.drop_reason().map(|r| (r, stats[*s as usize])))
+            .collect();
+        Ok((stats[XdpStat::Tx as usize], drops))
     }
 
     /// Replaces the listener table.
@@ -112,7 +156,7 @@ impl SteeringProgram {
 
     fn program(&mut self) -> &mut Xdp {
         self.ebpf
-            .program_mut(PROGRAM)
+            .program_mut(self.kind.name())
             .expect("loaded in load()")
             .try_into()
             .expect("an XDP program")

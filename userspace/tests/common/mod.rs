@@ -330,6 +330,21 @@ impl LabNet {
             ip(&["-n", ns, "link", "set", iface, "up"]);
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
+        // XDP_TX replies reach a veth peer only when it runs an XDP program of its own.
+        let pass = concat!(env!("OUT_DIR"), "/pass.bpf.o");
+        ip(&[
+            "-n",
+            &lab.client_ns,
+            "link",
+            "set",
+            "dev",
+            &lab.client_if,
+            "xdpdrv",
+            "obj",
+            pass,
+            "sec",
+            "xdp",
+        ]);
         Some(lab)
     }
 
@@ -390,4 +405,82 @@ pub fn in_netns<T: Send + 'static>(
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
         f()
     })
+}
+
+/// The lab's counter listener port.
+pub const COUNTER_PORT: u16 = 7777;
+
+pub fn addr(port: u16) -> SocketAddr {
+    format!("{LAB_SERVER}:{port}").parse().unwrap()
+}
+
+pub fn bench_json_in(lab: &LabNet, args: &[&str]) -> serde_json::Value {
+    let mut full = vec!["bench"];
+    full.extend_from_slice(args);
+    full.push("--json");
+    let (ok, out) = lab.client_cmd(BIN, &full);
+    assert!(ok, "bench {args:?}: {out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("bench JSON: {e}: {out}"))
+}
+
+pub fn exactness_in_lab(lab: &LabNet) -> u64 {
+    // Lab clients on many flows (the veth spreads them over both queues by flow hash) and loopback
+    // clients inside the responder namespace (kernel path), all at once on one counter.
+    let seen: Observations = Arc::default();
+    let mut threads = Vec::new();
+    for c in 0..16u64 {
+        let seen = seen.clone();
+        threads.push(in_netns(&lab.client_ns, move || {
+            udp_client(addr(COUNTER_PORT), 1000 + c, 300, seen)
+        }));
+    }
+    for c in 0..2u64 {
+        let seen = seen.clone();
+        threads.push(in_netns(&lab.server_ns, move || {
+            udp_client(addr(COUNTER_PORT), 2000 + c, 300, seen)
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 18 * 300);
+    check_exact(&seen)
+}
+
+pub fn invalid_requests_are_never_answered(lab: &LabNet) {
+    let handle = in_netns(&lab.client_ns, || {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.connect(addr(COUNTER_PORT)).unwrap();
+        socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+        // A read first, so the neighbour entry exists and nothing below waits for ARP.
+        socket.send(&frame(0)).unwrap();
+        let mut buf = [0u8; 64];
+        let n = socket.recv(&mut buf).unwrap();
+        let before = parse_reply(&buf[..n]);
+        for bytes in [
+            &b"aaaaaaaaaaaaaaaa"[..],
+            &[0u8; 16][..],
+            &[0xff; 16][..],
+            &frame(1)[..15],
+            &[1u8][..],
+        ] {
+            socket.send(bytes).unwrap();
+        }
+        socket.send(&frame(0)).unwrap();
+        let n = socket.recv(&mut buf).unwrap();
+        assert_eq!(
+            parse_reply(&buf[..n]),
+            before,
+            "invalid requests changed the counter"
+        );
+        socket
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        assert!(
+            socket.recv(&mut buf).is_err(),
+            "an invalid request was answered"
+        );
+    });
+    handle.join().unwrap();
 }
