@@ -5,8 +5,8 @@
 #       and ricochet's sockperf listener, in block and spin poll modes;
 #   (b) counter throughput with the bench client at several connection counts and depths (UDP, TCP);
 #   (c) the memory of many idle TCP connections (100,000 where the fd limit allows);
-#   (d) in a veth lab between two namespaces: ping-pong and throughput of kernel block, kernel spin
-#       and afxdp mode, with ricochet's bench client and sockperf's client.
+#   (d) in a veth lab between two namespaces: ping-pong, throughput and machine CPU per request at a
+#       fixed rate of kernel block, kernel spin, afxdp and xdp mode, with the same clients.
 # Writes bench/results/<date>/ (results.md, every run's JSON, .hgrm and raw output, commands.txt) and
 # prints the table. Run as root: sudo bench/latency.sh [--quick] [--duration SECONDS] [--connections N]
 set -euo pipefail
@@ -249,7 +249,8 @@ cat >"$RUNS/idle.json" <<EOF
 EOF
 record idle idle.json
 
-echo "== (d) veth lab: kernel block vs kernel spin vs afxdp (same clients, $ROUNDS rounds)"
+echo "== (d) veth lab: kernel block vs kernel spin vs afxdp vs xdp (same clients, $ROUNDS rounds)"
+CPU_RATE=20000
 # One queue, so the single ping-pong flow lands on the queue the worker serves; the responder runs
 # on the last CPU, the client on CPU 0. The lab is removed on exit, also on failure.
 LAB_SRV=ricochet-srv
@@ -275,12 +276,26 @@ lab_server() { # lab_server NAME MODE_ARGS...
     cat "$RUNS/$name.serve.txt" >&2
     exit 1
 }
-lab_bench() { # lab_bench NAME KIND SPEC "ARGS" key=value...
-    local name="$1" kind="$2" spec="$3" args="$4"; shift 4
+lab_bench() { # lab_bench NAME KIND CLIENT SPEC "ARGS" key=value...
+    local name="$1" kind="$2" client="$3" spec="$4" args="$5"; shift 5
     log_cmd "ip netns exec $LAB_CLI $RICOCHET bench $spec $args --cpus $CLIENT_CPU --json --hgrm $name.hgrm"
     # shellcheck disable=SC2086
     ip netns exec "$LAB_CLI" "$RICOCHET" bench "$spec" $args --cpus "$CLIENT_CPU" --json --hgrm "$RUNS/$name.hgrm" >"$RUNS/$name.json"
-    record "$kind" "$name.json" client=ricochet-bench-spin "$@"
+    record "$kind" "$name.json" client="$client" "$@"
+}
+# Whole-machine CPU time during a fixed-rate run: on veth the XDP program and the softirqs run in
+# the sender's context, so the responder's own CPU time would hide them. /proc/stat's busy fields
+# are sampled at the tick, which misses short timer-driven bursts; its idle time is measured exactly
+# (NOHZ), so busy = wall time x CPUs - idle.
+idle_jiffies() { awk '/^cpu / {print $5+$6}' /proc/stat; }
+lab_cpu() { # lab_cpu NAME key=value...
+    local name="$1"; shift
+    local idle0 idle1 wall0 wall1
+    idle0=$(idle_jiffies); wall0=$(date +%s%N)
+    lab_bench "$name" lab-cpu-bench ricochet-bench "udp://$LAB_ADDR:7777" "--duration ${DURATION}s --rate $CPU_RATE -c 4 --timeout 2s" "$@"
+    wall1=$(date +%s%N); idle1=$(idle_jiffies)
+    echo "{\"wall_ns\": $((wall1 - wall0)), \"idle_jiffies\": $((idle1 - idle0)), \"clk_tck\": $(getconf CLK_TCK), \"cpus\": $NCPU, \"rate\": $CPU_RATE, \"bench\": \"$name.json\"}" >"$RUNS/$name.cpu.json"
+    record lab-cpu "$name.cpu.json" "$@"
 }
 lab_sockperf() { # lab_sockperf NAME key=value...
     local name="$1"; shift
@@ -294,17 +309,19 @@ lab_mode() { # lab_mode ROUND MODE
         kernel-block) args=(--mode kernel --poll block) ;;
         kernel-spin) args=(--mode kernel --poll spin) ;;
         afxdp) args=(--mode afxdp --iface veth-srv --poll spin) ;;
+        xdp) args=(--mode xdp --iface veth-srv) ;;
     esac
     lab_server "lab-$mode-r$round" "${args[@]}"
     # The bench client spins so its own wake-up does not hide the server's differences; sockperf's
     # client blocks. Both see every mode.
-    lab_bench "lab-lat-$mode-bench-r$round" lab-latency "udp://$LAB_ADDR:7777" "--duration ${DURATION}s --warmup 500ms --spin" mode="$mode" round="$round"
+    lab_bench "lab-lat-$mode-bench-r$round" lab-latency ricochet-bench-spin "udp://$LAB_ADDR:7777" "--duration ${DURATION}s --warmup 500ms --spin" mode="$mode" round="$round"
     lab_sockperf "lab-lat-$mode-sockperf-r$round" mode="$mode" round="$round"
-    lab_bench "lab-tput-$mode-r$round" lab-throughput "udp://$LAB_ADDR:7777" "--duration ${DURATION}s --warmup 500ms -c 16 -d 16 --timeout 2s" mode="$mode" round="$round"
+    lab_bench "lab-tput-$mode-r$round" lab-throughput ricochet-bench "udp://$LAB_ADDR:7777" "--duration ${DURATION}s --warmup 500ms -c 16 -d 16 --timeout 2s" mode="$mode" round="$round"
+    lab_cpu "lab-cpu-$mode-r$round" mode="$mode" round="$round"
     stop_server
 }
 for round in $(seq "$ROUNDS"); do
-    if [ $((round % 2)) = 1 ]; then order="kernel-block kernel-spin afxdp"; else order="afxdp kernel-spin kernel-block"; fi
+    if [ $((round % 2)) = 1 ]; then order="kernel-block kernel-spin afxdp xdp"; else order="xdp afxdp kernel-spin kernel-block"; fi
     for mode in $order; do lab_mode "$round" "$mode"; done
 done
 lab_down

@@ -44,8 +44,10 @@ def load_runs(runs_dir):
             continue
         meta = json.loads(line)
         path = runs_dir / meta["file"]
-        if meta["kind"] == "idle":
+        if meta["kind"] in ("idle", "lab-cpu"):
             meta["result"] = json.loads(path.read_text())
+            if meta["kind"] == "lab-cpu":
+                meta["result"]["bench"] = parse_bench(json.loads((runs_dir / meta["result"]["bench"]).read_text()))
         elif meta["client"] == "sockperf":
             meta["result"] = parse_sockperf(path.read_text())
         else:
@@ -103,8 +105,10 @@ def throughput_table(runs):
 
 def lab_section(runs):
     """Median over rounds per (mode, client); ratios against kernel spin and kernel block."""
-    lat, tput = {}, {}
+    lat, tput, cpu = {}, {}, {}
     for r in runs:
+        if r["kind"] == "lab-cpu":
+            cpu.setdefault(r["mode"], []).append(r["result"])
         if r["kind"] == "lab-latency":
             lat.setdefault((r["mode"], r["client"]), []).append(r["result"])
         elif r["kind"] == "lab-throughput":
@@ -134,6 +138,15 @@ def lab_section(runs):
             mode, median([x["throughput_rps"] for x in results]),
             fmt(median([x["latency_us"]["p50"] for x in results])), fmt(median([x["latency_us"]["p99"] for x in results])),
             sum(x["lost"] for x in results)))
+    if cpu:
+        rows += ["", "| mode | offered rate | replies | machine CPU per request µs (median) | machine CPU busy % |", "|---|---|---|---|---|"]
+        for mode in sorted(cpu, key=lambda m: order.index(m) if m in order else 9):
+            results = cpu[mode]
+            def busy_s(x):
+                return x["wall_ns"] / 1e9 * x["cpus"] - x["idle_jiffies"] / x["clk_tck"]
+            per_req = median([busy_s(x) * 1e6 / max(x["bench"]["received"], 1) for x in results])
+            busy = median([100.0 * busy_s(x) / (x["wall_ns"] / 1e9 * x["cpus"]) for x in results])
+            rows.append("| %s | %d/s | %d | %.1f | %.0f |" % (mode, results[0]["rate"], median([x["bench"]["received"] for x in results]), per_req, busy))
     return "\n".join(rows)
 
 
@@ -193,9 +206,9 @@ def main():
         "",
         throughput_table(runs),
         "",
-        "## veth lab: kernel vs AF_XDP (UDP counter ping-pong, sockperf ping-pong, closed-loop throughput)",
+        "## veth lab: kernel vs AF_XDP vs XDP (UDP counter ping-pong, sockperf ping-pong, closed-loop throughput, CPU per request)",
         "",
-        "Two namespaces joined by a one-queue veth pair; responder on the last CPU, client on CPU 0. Ratios are against kernel spin and kernel block with the same client in the same run.",
+        "Two namespaces joined by a one-queue veth pair (the client side runs an XDP_PASS program so XDP_TX replies arrive); responder on the last CPU, client on CPU 0. Ratios are against kernel spin and kernel block with the same client in the same run. Machine CPU per request is all CPUs' busy time from /proc/stat during an open-loop run at a fixed rate, divided by the replies.",
         "",
         lab_section(runs),
         "",

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use serde::Serialize;
 
 use crate::core::Protocol;
@@ -633,6 +635,14 @@ fn run_thread(
     progress: &AtomicU64,
 ) -> Result<(ThreadResult, Histogram<u64>)> {
     let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+    let timer = TimerFd::new(
+        ClockId::CLOCK_MONOTONIC,
+        TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+    )?;
+    epoll.add(
+        timer.as_fd(),
+        EpollEvent::new(EpollFlags::EPOLLIN, TIMER_TOKEN),
+    )?;
     let mut flows: Vec<Flow> = Vec::with_capacity(conns.len());
     for (k, (global_index, conn)) in conns.into_iter().enumerate() {
         epoll.add(conn.fd(), EpollEvent::new(EpollFlags::EPOLLIN, k as u64))?;
@@ -751,11 +761,21 @@ fn run_thread(
         let timeout = if plan.spin {
             EpollTimeout::ZERO
         } else if plan.interval.is_some() {
+            // epoll's timeout has millisecond resolution; sub-millisecond waits until the next
+            // scheduled send go through a timerfd, so the open-loop client sleeps instead of spinning.
             let next = flows.iter().map(|f| f.next_send).min().unwrap_or(now);
             let wait = next
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(10));
-            EpollTimeout::try_from(wait.as_millis() as u64).unwrap_or(EpollTimeout::ZERO)
+            if wait.is_zero() {
+                EpollTimeout::ZERO
+            } else {
+                timer.set(
+                    Expiration::OneShot(TimeSpec::from_duration(wait)),
+                    TimerSetTimeFlags::empty(),
+                )?;
+                EpollTimeout::from(20u16)
+            }
         } else {
             EpollTimeout::from(10u16)
         };
@@ -765,6 +785,10 @@ fn run_thread(
             Err(e) => return Err(e.into()),
         };
         for event in &events[..n] {
+            if event.data() == TIMER_TOKEN {
+                let _ = timer.wait();
+                continue;
+            }
             let flow = &mut flows[event.data() as usize];
             receive_replies(plan, flow, &mut recv_buf, &mut rec, false)?;
         }
@@ -774,6 +798,9 @@ fn run_thread(
     rec.result.last_value = flows.iter().filter_map(|f| f.last_value).max();
     Ok((rec.result, rec.hist))
 }
+
+/// The epoll token of the open-loop pacing timer (flows use their index).
+const TIMER_TOKEN: u64 = u64::MAX;
 
 /// Counts requests in flight for longer than the timeout as lost.
 fn expire(plan: &Plan, flows: &mut [Flow], rec: &mut Recorder) {
