@@ -208,7 +208,7 @@ def main():
         "",
         "## veth lab: kernel vs AF_XDP vs XDP (UDP counter ping-pong, sockperf ping-pong, closed-loop throughput, CPU per request)",
         "",
-        "Two namespaces joined by a one-queue veth pair (the client side runs an XDP_PASS program so XDP_TX replies arrive); responder on the last CPU, client on CPU 0. Ratios are against kernel spin and kernel block with the same client in the same run. Machine CPU per request is all CPUs' busy time from /proc/stat during an open-loop run at a fixed rate, divided by the replies.",
+        "Two namespaces joined by a one-queue veth pair (the client side runs an XDP_PASS program so XDP_TX replies arrive); responder on the last CPU, client on CPU 0. Ratios are against kernel spin and kernel block with the same client in the same run. Machine CPU per request is the whole machine's busy time (wall time x CPUs - idle time from /proc/stat) during an open-loop run at a fixed rate, divided by the replies; it includes the client, the same in every mode.",
         "",
         lab_section(runs),
         "",
