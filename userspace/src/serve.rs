@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::afxdp::{self, SocketParams, ZeroCopy};
 use crate::core::{Counter, LocalCounter, Protocol};
+use crate::http::{Access, AppState, HttpConfig, HttpListen, HttpServer, WorkerView};
 use crate::kernel::{self, PollMode, Scheduling, WorkerConfig};
 use crate::spec::{CpuId, CpuList, ListenSpec, Transport};
 use crate::stats::StatsSnapshot;
@@ -121,6 +122,36 @@ pub struct ServeArgs {
     /// Replace an XDP program someone else attached to the interface.
     #[arg(long)]
     pub force: bool,
+
+    /// Address of the HTTP endpoints (health, metrics, counter API, profiling, dashboard):
+    /// HOST:PORT, unix:///PATH, or off.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9100")]
+    pub http: String,
+
+    /// Bearer token for POST /counter and /debug/pprof/*; required when --http is not loopback.
+    #[arg(
+        long,
+        env = "RICOCHET_HTTP_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub http_token: Option<String>,
+
+    /// HTTP requests per second allowed per source address (429 beyond); 0 turns the limit off.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    pub http_rate_limit: u32,
+
+    /// Time a client has to send a request's line and headers once it started (slowloris), e.g. 10s.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::bench::parse_duration)]
+    pub http_header_timeout: Duration,
+
+    /// Time an idle keep-alive connection is kept open, e.g. 60s.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = crate::bench::parse_duration)]
+    pub http_idle_timeout: Duration,
+
+    /// HTTP worker threads; default one per housekeeping CPU (CPUs not in --cpus), else one per CPU.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub http_workers: Option<u16>,
 }
 
 fn parse_frame_size(s: &str) -> Result<u32, String> {
@@ -154,6 +185,40 @@ pub fn resolve_cpus(requested: Option<&CpuList>) -> Result<Vec<CpuId>> {
     Ok(requested.0.clone())
 }
 
+/// The configuration as given, for /stats.
+fn config_json(args: &ServeArgs, cpus: &[CpuId], bound: &[ListenSpec]) -> serde_json::Value {
+    serde_json::json!({
+        "mode": mode_name(args.mode),
+        "listen": bound.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        "cpus": cpus.iter().map(|c| c.0).collect::<Vec<_>>(),
+        "poll": args.poll.map(poll_name),
+        "batch": args.batch,
+        "max_datagram": args.max_datagram,
+        "iface": args.iface,
+        "queues": args.queues.as_ref().map(|q| q.to_string()),
+        "xdp_mode": format!("{:?}", args.xdp_mode).to_lowercase(),
+        "zero_copy": format!("{:?}", args.zero_copy).to_lowercase(),
+        "frame_size": args.frame_size,
+        "frame_count": args.frame_count,
+        "ring_size": args.ring_size,
+        "busy_poll_usecs": args.busy_poll,
+        "busy_poll_budget": args.busy_poll_budget,
+        "http": args.http,
+        "http_rate_limit": args.http_rate_limit,
+        "sched_fifo": args.sched_fifo,
+        "mlock": args.mlock,
+    })
+}
+
+/// The XDP mode tried first (auto tries native).
+fn requested_xdp_mode(args: &ServeArgs) -> Option<&'static str> {
+    match (args.mode, args.xdp_mode) {
+        (Mode::Kernel, _) => None,
+        (_, XdpAttachMode::Native | XdpAttachMode::Auto) => Some("native"),
+        (_, XdpAttachMode::Generic) => Some("generic"),
+    }
+}
+
 fn mode_name(mode: Mode) -> &'static str {
     match mode {
         Mode::Kernel => "kernel",
@@ -171,6 +236,15 @@ fn poll_name(poll: PollMode) -> &'static str {
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let cpus = resolve_cpus(args.cpus.as_ref())?;
+    let http_listen: Option<HttpListen> = match args.http.as_str() {
+        "off" => None,
+        other => Some(other.parse::<HttpListen>().map_err(anyhow::Error::msg)?),
+    };
+    if let Some(listen) = &http_listen {
+        if !listen.is_local() && args.http_token.is_none() {
+            bail!("--http {} is reachable from other hosts: set a bearer token with --http-token or RICOCHET_HTTP_TOKEN (or listen on 127.0.0.1)", args.http);
+        }
+    }
     let udp_listeners: Vec<(std::net::SocketAddr, Protocol)> = args
         .listen
         .iter()
@@ -304,9 +378,127 @@ pub fn run(args: ServeArgs) -> Result<()> {
         _ => Bypass::None,
     };
 
+    // The endpoints' view of the datapaths.
+    let state = Arc::new(AppState::new(
+        mode_name(args.mode),
+        config_json(&args, &cpus, &bound),
+        counter.clone(),
+    ));
+    {
+        let mut views: Vec<WorkerView> = workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| WorkerView {
+                datapath: "kernel",
+                id: i as u32,
+                cpu: w.cpu,
+                stats: w.stats.clone(),
+                xsk: None,
+            })
+            .collect();
+        let mut details = state.details.lock().expect("not poisoned");
+        details.push(("kernel_poll".into(), poll_name(kernel_poll).into()));
+        match &bypass {
+            Bypass::None => {}
+            Bypass::Afxdp(dp) => {
+                views.extend(dp.workers.iter().map(|w| WorkerView {
+                    datapath: "afxdp",
+                    id: w.queue,
+                    cpu: w.cpu,
+                    stats: w.stats.clone(),
+                    xsk: Some(w.xsk.clone()),
+                }));
+                details.push(("xdp_mode".into(), dp.attached.to_string()));
+                details.push((
+                    "zero_copy".into(),
+                    if dp.zero_copy { "on" } else { "off" }.into(),
+                ));
+                if args.zero_copy == ZeroCopy::Auto && !dp.zero_copy {
+                    details.push(("fallback".into(), "zero-copy -> copy mode".into()));
+                }
+                details.push(("afxdp_poll".into(), poll_name(poll).into()));
+                *state.xdp_stats.lock().expect("not poisoned") =
+                    Some(Box::new(dp.program.stats_reader()));
+            }
+            Bypass::Xdp(program, attached) => {
+                details.push(("xdp_mode".into(), attached.to_string()));
+                *state.xdp_stats.lock().expect("not poisoned") =
+                    Some(Box::new(program.stats_reader()));
+            }
+        }
+        if let Some(requested) = requested_xdp_mode(&args) {
+            if let Some((_, actual)) = details.iter().find(|(k, _)| k == "xdp_mode") {
+                if actual != requested {
+                    let fallback = format!("xdp {requested} -> {actual} mode");
+                    details.push(("fallback".into(), fallback));
+                }
+            }
+        }
+        state
+            .readiness
+            .workers_expected
+            .store(views.len(), Ordering::Relaxed);
+        state
+            .readiness
+            .workers_running
+            .store(views.len(), Ordering::Relaxed);
+        state
+            .readiness
+            .xdp_expected
+            .store(!matches!(bypass, Bypass::None), Ordering::Relaxed);
+        state
+            .readiness
+            .xdp_attached
+            .store(!matches!(bypass, Bypass::None), Ordering::Relaxed);
+        *state.workers.lock().expect("not poisoned") = views;
+    }
+    let http = match http_listen {
+        None => None,
+        Some(listen) => {
+            let housekeeping: Vec<CpuId> = sys::allowed_cpus()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|c| !cpus.contains(c))
+                .collect();
+            let n_workers =
+                args.http_workers
+                    .map(usize::from)
+                    .unwrap_or(if housekeeping.is_empty() {
+                        cpus.len()
+                    } else {
+                        housekeeping.len()
+                    });
+            let config = HttpConfig {
+                access: Access {
+                    token: if listen.is_local() {
+                        args.http_token.clone().filter(|t| !t.is_empty())
+                    } else {
+                        args.http_token.clone()
+                    },
+                },
+                listen,
+                rate_limit: args.http_rate_limit,
+                workers: n_workers,
+                cpus: housekeeping,
+                header_timeout: args.http_header_timeout,
+                idle_timeout: args.http_idle_timeout,
+            };
+            match HttpServer::start(config, state.clone()) {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    stop_kernel(&workers);
+                    return Err(e);
+                }
+            }
+        }
+    };
+
     let mut out = std::io::stdout().lock();
     for spec in &bound {
         writeln!(out, "listening {spec}")?;
+    }
+    if let Some(server) = &http {
+        writeln!(out, "http {}", server.bound)?;
     }
     match &bypass {
         Bypass::None => writeln!(
@@ -351,10 +543,28 @@ pub fn run(args: ServeArgs) -> Result<()> {
             break;
         }
         let bypass_died = matches!(&bypass, Bypass::Afxdp(dp) if dp.workers.iter().any(|w| w.handle.is_finished()));
+        let running = workers.iter().filter(|w| !w.handle.is_finished()).count()
+            + match &bypass {
+                Bypass::Afxdp(dp) => dp
+                    .workers
+                    .iter()
+                    .filter(|w| !w.handle.is_finished())
+                    .count(),
+                _ => 0,
+            };
+        state
+            .readiness
+            .workers_running
+            .store(running, Ordering::Relaxed);
         if workers.iter().any(|w| w.handle.is_finished()) || bypass_died {
             failure = Some("a worker stopped unexpectedly");
             break;
         }
+    }
+    // Shutdown: the endpoints first (they finish requests in flight), then the datapaths.
+    state.readiness.stopping.store(true, Ordering::Relaxed);
+    if let Some(server) = http {
+        server.shutdown();
     }
     stop.store(true, Ordering::Relaxed);
     for worker in &workers {
@@ -418,6 +628,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     // The final counter is read before the program goes: in xdp mode it lives in the program's map.
     let final_counter = counter.load();
+    drop(state);
     drop(counter);
     // Dropping the program closes its BPF link: the interface is left as it was.
     drop(program);

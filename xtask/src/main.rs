@@ -19,6 +19,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
     ("ethtool", "ethtool"),
     ("ping", "iputils-ping"),
+    ("chromium", "chromium"),
+    ("chromedriver", "chromium-driver"),
 ];
 
 const USAGE: &str = "usage: cargo xtask <task>

@@ -26,6 +26,7 @@ pub struct AfXdpWorker {
     pub queue: u32,
     pub cpu: CpuId,
     pub stats: Arc<WorkerStats>,
+    pub xsk: Arc<crate::http::XskLive>,
     pub handle: JoinHandle<Result<XskStats>>,
 }
 
@@ -117,6 +118,8 @@ pub fn start(
     for (i, &queue) in queues.iter().enumerate() {
         let cpu = cpus[i % cpus.len()];
         let stats = Arc::new(WorkerStats::default());
+        let xsk = Arc::new(crate::http::XskLive::default());
+        let live = xsk.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let (params, protocols, stats2, counter, stop) = (
             params.clone(),
@@ -130,7 +133,7 @@ pub fn start(
             .spawn(move || -> Result<XskStats> {
                 sys::pin_current_thread(cpu)
                     .with_context(|| format!("cannot pin the queue {queue} worker to CPU {cpu}"))?;
-                worker::run(params, queue, protocols, stats2, counter, stop, tx)
+                worker::run(params, queue, protocols, stats2, counter, stop, tx, live)
             })
             .context("cannot spawn an AF_XDP worker")?;
         let started = rx
@@ -143,6 +146,7 @@ pub fn start(
             queue,
             cpu,
             stats,
+            xsk,
             handle,
         });
     }

@@ -192,6 +192,7 @@ pub fn run(
     counter: Arc<dyn Counter>,
     stop: Arc<AtomicBool>,
     started: std::sync::mpsc::Sender<Result<Started>>,
+    live: Arc<crate::http::XskLive>,
 ) -> Result<XskStats> {
     let mut rings = match open_with_fallback(&params, queue) {
         Ok(r) => r,
@@ -225,8 +226,18 @@ pub fn run(
     // Reply payload bytes per queued reply, so tx_bytes counts payloads as rx_bytes does.
     let mut reply_payloads: Vec<u16> = Vec::with_capacity(batch as usize);
     let spin = params.poll == PollMode::Spin;
+    let mut turns: u32 = 0;
+    let mut last_publish = std::time::Instant::now();
 
     while !stop.load(Ordering::Relaxed) {
+        // About once a second, publish XDP_STATISTICS for the HTTP endpoints (one getsockopt).
+        turns = turns.wrapping_add(1);
+        if turns.is_multiple_of(4096) && last_publish.elapsed() >= Duration::from_secs(1) {
+            last_publish = std::time::Instant::now();
+            if let Ok(x) = rings.user.statistics_v2() {
+                publish(&live, &x);
+            }
+        }
         // Completions: transmitted frames come back to the free list.
         {
             let mut reader = rings.device.complete(rings.device.available());
@@ -342,6 +353,15 @@ pub fn run(
         tx_invalid_descs: xdp.tx_invalid_descs,
         tx_ring_empty_descs: xdp.tx_ring_empty_descs,
     })
+}
+
+fn publish(live: &crate::http::XskLive, x: &xdpilone::xdp::XdpStatisticsV2) {
+    let set = |cell: &std::sync::atomic::AtomicU64, v: u64| cell.store(v, Ordering::Relaxed);
+    set(&live.rx_dropped, x.rx_dropped);
+    set(&live.rx_ring_full, x.rx_ring_full);
+    set(&live.fill_ring_empty_descs, x.rx_fill_ring_empty_descs);
+    set(&live.tx_invalid_descs, x.tx_invalid_descs);
+    set(&live.tx_ring_empty_descs, x.tx_ring_empty_descs);
 }
 
 /// Copy-mode sockets transmit at most this many descriptors per kick (the kernel's TX_BATCH_SIZE).

@@ -53,7 +53,7 @@ pub fn bind_all(specs: &[ListenSpec], n_workers: usize) -> Result<BoundListeners
     for spec in specs {
         match &spec.transport {
             Transport::Udp(addr) => {
-                let sockets = bind_reuseport(spec, *addr, Type::DGRAM, n_workers)?;
+                let sockets = bind_reuseport(&spec.to_string(), *addr, Type::DGRAM, n_workers)?;
                 let local = sockets[0].local_addr()?.as_socket().expect("inet socket");
                 for (worker, socket) in per_worker.iter_mut().zip(sockets) {
                     worker.udp.push((spec.protocol, socket.into()));
@@ -64,7 +64,7 @@ pub fn bind_all(specs: &[ListenSpec], n_workers: usize) -> Result<BoundListeners
                 });
             }
             Transport::Tcp(addr) => {
-                let sockets = bind_reuseport(spec, *addr, Type::STREAM, n_workers)?;
+                let sockets = bind_reuseport(&spec.to_string(), *addr, Type::STREAM, n_workers)?;
                 let local = sockets[0].local_addr()?.as_socket().expect("inet socket");
                 for (worker, socket) in per_worker.iter_mut().zip(sockets) {
                     worker.tcp.push((spec.protocol, socket.into()));
@@ -75,7 +75,7 @@ pub fn bind_all(specs: &[ListenSpec], n_workers: usize) -> Result<BoundListeners
                 });
             }
             Transport::Unix(path) => {
-                let endpoint = Arc::new(bind_unix(spec, path)?);
+                let endpoint = Arc::new(bind_unix(&spec.to_string(), path)?);
                 for worker in per_worker.iter_mut() {
                     worker.unix.push((spec.protocol, endpoint.clone()));
                 }
@@ -101,8 +101,17 @@ fn new_inet_socket(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
     Ok(socket)
 }
 
+/// Binds `n` TCP listeners sharing `addr` with SO_REUSEPORT (for servers other than the datapath,
+/// such as the HTTP endpoints). `label` names the listener in error messages.
+pub fn bind_tcp_listeners(label: &str, addr: SocketAddr, n: usize) -> Result<Vec<TcpListener>> {
+    Ok(bind_reuseport(label, addr, Type::STREAM, n)?
+        .into_iter()
+        .map(TcpListener::from)
+        .collect())
+}
+
 /// Binds `n` SO_REUSEPORT sockets on one address. The kernel spreads flows across them by hash.
-fn bind_reuseport(spec: &ListenSpec, addr: SocketAddr, ty: Type, n: usize) -> Result<Vec<Socket>> {
+fn bind_reuseport(spec: &str, addr: SocketAddr, ty: Type, n: usize) -> Result<Vec<Socket>> {
     let explain = |e: io::Error| bind_error(spec, e);
     // SO_REUSEPORT lets a second process of the same user join our port silently. Bind once without
     // it first, so a port already held by anyone (another ricochet included) is reported.
@@ -130,7 +139,7 @@ fn bind_reuseport(spec: &ListenSpec, addr: SocketAddr, ty: Type, n: usize) -> Re
     Ok(sockets)
 }
 
-fn bind_error(spec: &ListenSpec, e: io::Error) -> anyhow::Error {
+fn bind_error(spec: &str, e: io::Error) -> anyhow::Error {
     let hint = match e.raw_os_error() {
         Some(libc::EADDRINUSE) => {
             "address already in use: stop the process holding it or pick another port"
@@ -148,7 +157,7 @@ fn bind_error(spec: &ListenSpec, e: io::Error) -> anyhow::Error {
 }
 
 /// Binds a Unix stream listener, replacing a stale socket file left by a dead instance.
-fn bind_unix(spec: &ListenSpec, path: &Path) -> Result<UnixEndpoint> {
+pub fn bind_unix(spec: &str, path: &Path) -> Result<UnixEndpoint> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) => {
             if !meta.file_type().is_socket() {

@@ -74,6 +74,8 @@ impl std::fmt::Display for AttachedMode {
 pub struct XdpProgram {
     ebpf: Ebpf,
     kind: ProgramKind,
+    /// The per-CPU counters, shareable with the HTTP endpoints.
+    stats: std::sync::Arc<PerCpuArray<MapData, u64>>,
 }
 
 /// The verdicts XDP programs return (`enum xdp_action`).
@@ -115,7 +117,11 @@ impl XdpProgram {
                 )
             })?;
         }
-        let mut program = XdpProgram { ebpf, kind };
+        let stats_map = ebpf
+            .take_map("xdp_stats")
+            .context("the BPF object has no xdp_stats map")?;
+        let stats = std::sync::Arc::new(PerCpuArray::try_from(stats_map)?);
+        let mut program = XdpProgram { ebpf, kind, stats };
         program.set_listeners(listeners)?;
         Ok(program)
     }
@@ -234,13 +240,23 @@ impl XdpProgram {
 
     /// The program's counters summed over CPUs.
     pub fn stats(&self) -> Result<[u64; XdpStat::COUNT]> {
-        let array: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.ebpf.map("xdp_stats").context("no xdp_stats map")?)?;
-        let mut out = [0u64; XdpStat::COUNT];
-        for stat in XdpStat::ALL {
-            out[stat as usize] = array.get(&(stat as u32), 0)?.iter().sum();
+        read_stats(&self.stats)
+    }
+
+    /// A reader of the same counters for other threads (the HTTP endpoints).
+    pub fn stats_reader(
+        &self,
+    ) -> impl Fn() -> Option<Vec<(&'static str, u64)>> + Send + Sync + 'static {
+        let stats = self.stats.clone();
+        move || {
+            let values = read_stats(&stats).ok()?;
+            Some(
+                XdpStat::ALL
+                    .iter()
+                    .map(|s| (s.as_str(), values[*s as usize]))
+                    .collect(),
+            )
         }
-        Ok(out)
     }
 
     /// Runs the program once on `frame` (BPF_PROG_TEST_RUN); returns the verdict and the output
@@ -257,6 +273,14 @@ impl XdpProgram {
             .context("BPF_PROG_TEST_RUN failed")?;
         Ok((result.return_value, result.data_size_out as usize))
     }
+}
+
+fn read_stats(array: &PerCpuArray<MapData, u64>) -> Result<[u64; XdpStat::COUNT]> {
+    let mut out = [0u64; XdpStat::COUNT];
+    for stat in XdpStat::ALL {
+        out[stat as usize] = array.get(&(stat as u32), 0)?.iter().sum();
+    }
+    Ok(out)
 }
 
 fn is_errno(e: &ProgramError, errno: i32) -> bool {

@@ -36,9 +36,16 @@ impl Server {
             }
             None => Command::new(BIN),
         };
+        // Parallel tests must not share the default HTTP port.
+        let http_default: &[&str] = if args.contains(&"--http") {
+            &[]
+        } else {
+            &["--http", "127.0.0.1:0"]
+        };
         let mut child = command
             .arg("serve")
             .args(args)
+            .args(http_default)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -53,6 +60,9 @@ impl Server {
             }
             if let Some(spec) = line.trim().strip_prefix("listening ") {
                 listening.push(spec.to_string());
+            }
+            if let Some(http) = line.trim().strip_prefix("http ") {
+                listening.push(format!("http+{http}"));
             }
             if line.starts_with("ready ") {
                 break;

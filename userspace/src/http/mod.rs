@@ -1,0 +1,11 @@
+//! The HTTP endpoints: health, readiness, Prometheus metrics, the counter API, statistics, CPU
+//! profiles and a live dashboard, served by their own threads off the packet path.
+
+pub mod profile;
+pub mod routes;
+pub mod server;
+pub mod state;
+
+pub use routes::Access;
+pub use server::{HttpConfig, HttpListen, HttpServer};
+pub use state::{AppState, WorkerView, XskLive};

@@ -1,0 +1,544 @@
+//! The endpoints, sans-IO: a parsed request in, a response out. The server (server.rs) does the I/O.
+
+use std::sync::atomic::Ordering;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter as PromCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use super::state::{AppState, RouteLabel, RouteStatus};
+use crate::core::{Batch, Protocol};
+use crate::stats::DropReason;
+use crate::wire::{CounterRepr, FRAME_LEN};
+
+/// The dashboard page, embedded in the binary.
+pub const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// A request as the router needs it.
+#[derive(Debug)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub query: &'a str,
+    pub content_type: Option<&'a str>,
+    pub authorization: Option<&'a str>,
+    pub body: &'a [u8],
+    /// Whether the client connected from loopback or a Unix socket.
+    pub local_peer: bool,
+}
+
+/// A response body: static bytes or built for this request.
+#[derive(Debug)]
+pub enum Body {
+    Static(&'static [u8]),
+    Owned(Vec<u8>),
+}
+
+impl Body {
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Body::Static(b) => b,
+            Body::Owned(v) => v,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Body,
+    /// An extra header line (without CRLF), e.g. `Allow: GET`.
+    pub extra_header: Option<&'static str>,
+}
+
+impl Response {
+    fn new(status: u16, content_type: &'static str, body: Body) -> Response {
+        Response {
+            status,
+            content_type,
+            body,
+            extra_header: None,
+        }
+    }
+
+    pub fn json(status: u16, value: serde_json::Value) -> Response {
+        let mut body = serde_json::to_vec(&value).expect("JSON values serialize");
+        body.push(b'\n');
+        Response::new(status, "application/json", Body::Owned(body))
+    }
+
+    pub fn error(status: u16, message: &str) -> Response {
+        Response::json(status, json!({ "error": message }))
+    }
+}
+
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        415 => "Unsupported Media Type",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+/// The route label a path is counted under (bounded: unknown paths are `other`).
+pub fn route_label(path: &str) -> &'static str {
+    match path {
+        "/" => "/",
+        "/healthz" => "/healthz",
+        "/readyz" => "/readyz",
+        "/metrics" => "/metrics",
+        "/counter" => "/counter",
+        "/stats" => "/stats",
+        "/debug/pprof/profile" => "/debug/pprof/profile",
+        _ => "other",
+    }
+}
+
+/// Who may call the privileged endpoints (POST /counter, /debug/pprof/*).
+#[derive(Debug, Clone)]
+pub struct Access {
+    /// The bearer token; None when the server listens on loopback or a Unix socket only.
+    pub token: Option<String>,
+}
+
+impl Access {
+    /// Checks `Authorization: Bearer TOKEN` in constant time.
+    pub fn allows(&self, req: &Request) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let Some(given) = req.authorization.and_then(|h| h.strip_prefix("Bearer ")) else {
+            return false;
+        };
+        given.as_bytes().ct_eq(token.as_bytes()).into()
+    }
+}
+
+fn unauthorized() -> Response {
+    let mut r = Response::error(
+        401,
+        "missing or wrong bearer token: send 'Authorization: Bearer TOKEN'",
+    );
+    r.extra_header = Some("WWW-Authenticate: Bearer");
+    r
+}
+
+fn method_not_allowed(allow: &'static str) -> Response {
+    let mut r = Response::error(405, "method not allowed");
+    r.extra_header = Some(allow);
+    r
+}
+
+/// What the server must do for a request the router does not answer itself.
+pub enum Routed {
+    Respond(Response),
+    /// Run a CPU profile for this many seconds; `flamegraph` asks for SVG instead of pprof protobuf.
+    Profile {
+        seconds: u64,
+        flamegraph: bool,
+    },
+}
+
+/// Routes one request.
+pub fn route(req: &Request, state: &AppState, access: &Access) -> Routed {
+    let response = match req.path {
+        "/" => match req.method {
+            "GET" | "HEAD" => Response::new(
+                200,
+                "text/html; charset=utf-8",
+                Body::Static(DASHBOARD.as_bytes()),
+            ),
+            _ => method_not_allowed("Allow: GET, HEAD"),
+        },
+        "/healthz" => match req.method {
+            "GET" | "HEAD" => {
+                Response::new(200, "text/plain; charset=utf-8", Body::Static(b"ok\n"))
+            }
+            _ => method_not_allowed("Allow: GET, HEAD"),
+        },
+        "/readyz" => match req.method {
+            "GET" | "HEAD" => match state.readiness.reason() {
+                None => Response::json(200, json!({ "ready": true })),
+                Some(reason) => Response::json(503, json!({ "ready": false, "reason": reason })),
+            },
+            _ => method_not_allowed("Allow: GET, HEAD"),
+        },
+        "/metrics" => match req.method {
+            "GET" | "HEAD" => Response::new(
+                200,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                Body::Owned(metrics_text(state).into_bytes()),
+            ),
+            _ => method_not_allowed("Allow: GET, HEAD"),
+        },
+        "/stats" => match req.method {
+            "GET" | "HEAD" => Response::json(200, stats_json(state)),
+            _ => method_not_allowed("Allow: GET, HEAD"),
+        },
+        "/counter" => match req.method {
+            "GET" | "HEAD" => Response::json(200, json!({ "value": state.counter.load() })),
+            "POST" if !access.allows(req) => unauthorized(),
+            "POST" => post_counter(req, state),
+            _ => method_not_allowed("Allow: GET, HEAD, POST"),
+        },
+        "/debug/pprof/profile" => match req.method {
+            "GET" if !access.allows(req) => unauthorized(),
+            "GET" => return profile_request(req.query),
+            _ => method_not_allowed("Allow: GET"),
+        },
+        _ => Response::error(
+            404,
+            "no such endpoint: try /, /healthz, /readyz, /metrics, /counter, /stats",
+        ),
+    };
+    Routed::Respond(response)
+}
+
+const MAX_PROFILE_SECONDS: u64 = 60;
+
+fn profile_request(query: &str) -> Routed {
+    let mut seconds = 30;
+    let mut flamegraph = false;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "seconds" => match value.parse::<u64>() {
+                Ok(n) if (1..=MAX_PROFILE_SECONDS).contains(&n) => seconds = n,
+                _ => {
+                    return Routed::Respond(Response::error(
+                        400,
+                        "seconds must be a whole number from 1 to 60",
+                    ))
+                }
+            },
+            "format" => match value {
+                "flamegraph" => flamegraph = true,
+                "pprof" | "proto" => flamegraph = false,
+                _ => {
+                    return Routed::Respond(Response::error(
+                        400,
+                        "format must be pprof or flamegraph",
+                    ))
+                }
+            },
+            _ => {}
+        }
+    }
+    Routed::Profile {
+        seconds,
+        flamegraph,
+    }
+}
+
+/// POST /counter: a JSON body `{"increment": N}` or the 16-byte binary frame.
+fn post_counter(req: &Request, state: &AppState) -> Response {
+    let content_type = req
+        .content_type
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim();
+    match content_type {
+        "application/octet-stream" => {
+            if req.body.len() != FRAME_LEN {
+                state.http_counter_stats.count_drop(DropReason::WrongLength);
+                return Response::error(400, "a binary counter frame is exactly 16 bytes");
+            }
+            let mut batch = Batch::new(&state.http_counter_stats);
+            let ticket = batch.admit(Protocol::Counter, req.body);
+            let commit = batch.commit(&*state.counter);
+            let mut reply = [0u8; FRAME_LEN];
+            if commit.write_reply(ticket, req.body, &mut reply) != FRAME_LEN {
+                return Response::error(400, "the frame's hash does not match its value");
+            }
+            state.http_counter_stats.replies.add(1);
+            Response::new(200, "application/octet-stream", Body::Owned(reply.to_vec()))
+        }
+        "application/json" | "" => {
+            let increment = serde_json::from_slice::<serde_json::Value>(req.body)
+                .ok()
+                .and_then(|v| v.get("increment").and_then(|i| i.as_u64()));
+            let Some(increment) = increment else {
+                state.http_counter_stats.count_drop(DropReason::WrongLength);
+                return Response::error(400, "expected a JSON body {\"increment\": N} with N a whole number from 0 to 2^64-1");
+            };
+            // The same path as a datagram: a batch of one, one atomic add.
+            let frame = CounterRepr { value: increment }.to_bytes();
+            let mut batch = Batch::new(&state.http_counter_stats);
+            let ticket = batch.admit(Protocol::Counter, &frame);
+            let commit = batch.commit(&*state.counter);
+            let value = match ticket {
+                crate::core::Ticket::Counter { prefix } => commit.value(prefix),
+                _ => unreachable!("a frame built from a value is valid"),
+            };
+            state.http_counter_stats.replies.add(1);
+            Response::json(200, json!({ "value": value, "increment": increment }))
+        }
+        _ => Response::error(415, "send application/json ({\"increment\": N}) or application/octet-stream (16-byte frame)"),
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabels {
+    datapath: &'static str,
+    worker: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    datapath: &'static str,
+    worker: u32,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct XskLabels {
+    queue: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct XdpLabels {
+    counter: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    mode: &'static str,
+}
+
+/// The Prometheus (OpenMetrics) exposition, built from lock-free reads of the worker records.
+pub fn metrics_text(state: &AppState) -> String {
+    let mut registry = Registry::with_prefix("ricochet");
+    let requests = Family::<WorkerLabels, PromCounter>::default();
+    let replies = Family::<WorkerLabels, PromCounter>::default();
+    let rx_bytes = Family::<WorkerLabels, PromCounter>::default();
+    let tx_bytes = Family::<WorkerLabels, PromCounter>::default();
+    let tx_errors = Family::<WorkerLabels, PromCounter>::default();
+    let drops = Family::<DropLabels, PromCounter>::default();
+    let xsk_fields: Vec<(&'static str, Family<XskLabels, PromCounter>)> = [
+        "rx_dropped",
+        "rx_ring_full",
+        "fill_ring_empty_descs",
+        "tx_invalid_descs",
+        "tx_ring_empty_descs",
+    ]
+    .into_iter()
+    .map(|name| (name, Family::default()))
+    .collect();
+    let record = |datapath: &'static str, id: u32, stats: &crate::stats::WorkerStats| {
+        let s = stats.snapshot();
+        let labels = WorkerLabels {
+            datapath,
+            worker: id,
+        };
+        requests.get_or_create(&labels).inc_by(s.requests);
+        replies.get_or_create(&labels).inc_by(s.replies);
+        rx_bytes.get_or_create(&labels).inc_by(s.rx_bytes);
+        tx_bytes.get_or_create(&labels).inc_by(s.tx_bytes);
+        tx_errors.get_or_create(&labels).inc_by(s.tx_errors);
+        for reason in DropReason::ALL {
+            drops
+                .get_or_create(&DropLabels {
+                    datapath,
+                    worker: id,
+                    reason: reason.as_str(),
+                })
+                .inc_by(s.drops(reason));
+        }
+    };
+    for w in state.workers.lock().expect("not poisoned").iter() {
+        record(w.datapath, w.id, &w.stats);
+        if let Some(live) = &w.xsk {
+            for ((_, value), (_, family)) in live.fields().iter().zip(&xsk_fields) {
+                family
+                    .get_or_create(&XskLabels { queue: w.id })
+                    .inc_by(*value);
+            }
+        }
+    }
+    record("http", 0, &state.http_counter_stats);
+    registry.register("requests", "Requests received", requests);
+    registry.register("replies", "Replies sent", replies);
+    registry.register_with_unit(
+        "rx",
+        "Request bytes received",
+        prometheus_client::registry::Unit::Bytes,
+        rx_bytes,
+    );
+    registry.register_with_unit(
+        "tx",
+        "Reply bytes sent",
+        prometheus_client::registry::Unit::Bytes,
+        tx_bytes,
+    );
+    registry.register("tx_errors", "Replies the kernel refused", tx_errors);
+    registry.register("drops", "Requests dropped, by reason", drops);
+    for (name, family) in xsk_fields {
+        registry.register(
+            format!("xsk_{name}"),
+            format!("AF_XDP socket statistic {name} (XDP_STATISTICS)"),
+            family,
+        );
+    }
+    if let Some(reader) = state.xdp_stats.lock().expect("not poisoned").as_ref() {
+        if let Some(values) = reader() {
+            let family = Family::<XdpLabels, PromCounter>::default();
+            for (name, value) in values {
+                family
+                    .get_or_create(&XdpLabels { counter: name })
+                    .inc_by(value);
+            }
+            registry.register(
+                "xdp_program",
+                "The XDP program's per-CPU counters, summed over CPUs",
+                family,
+            );
+        }
+    }
+    let counter = Gauge::<u64, std::sync::atomic::AtomicU64>::default();
+    counter.set(state.counter.load());
+    registry.register("counter", "The global counter", counter);
+    let uptime = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    uptime.set(state.started.elapsed().as_secs_f64());
+    registry.register_with_unit(
+        "uptime",
+        "Time since start",
+        prometheus_client::registry::Unit::Seconds,
+        uptime,
+    );
+    registry.register(
+        "build",
+        "Build information",
+        Info::new(BuildLabels {
+            version: env!("CARGO_PKG_VERSION"),
+            mode: state.mode,
+        }),
+    );
+    registry.register(
+        "http_requests",
+        "HTTP requests by route and status",
+        state.http.requests.clone(),
+    );
+    registry.register_with_unit(
+        "http_request_duration",
+        "HTTP request handling time",
+        prometheus_client::registry::Unit::Seconds,
+        state.http.latency.clone(),
+    );
+    let mut out = String::with_capacity(16 * 1024);
+    prometheus_client::encoding::text::encode(&mut out, &registry)
+        .expect("writing to a String cannot fail");
+    out
+}
+
+/// /stats: configuration, mode, fallbacks, uptime and every statistic in /metrics, as JSON.
+pub fn stats_json(state: &AppState) -> serde_json::Value {
+    let workers: Vec<serde_json::Value> = state
+        .workers
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .map(|w| {
+            let s = w.stats.snapshot();
+            let drops: serde_json::Map<String, serde_json::Value> = DropReason::ALL
+                .iter()
+                .map(|r| (r.as_str().to_string(), json!(s.drops(*r))))
+                .collect();
+            let mut v = json!({
+                "datapath": w.datapath,
+                "id": w.id,
+                "cpu": w.cpu.0,
+                "requests": s.requests,
+                "replies": s.replies,
+                "rx_bytes": s.rx_bytes,
+                "tx_bytes": s.tx_bytes,
+                "tx_errors": s.tx_errors,
+                "conns_opened": s.conns_opened,
+                "conns_closed": s.conns_closed,
+                "drops": drops,
+            });
+            if let Some(live) = &w.xsk {
+                let xsk: serde_json::Map<String, serde_json::Value> = live
+                    .fields()
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), json!(v)))
+                    .collect();
+                v["xsk"] = serde_json::Value::Object(xsk);
+            }
+            v
+        })
+        .collect();
+    let xdp = state
+        .xdp_stats
+        .lock()
+        .expect("not poisoned")
+        .as_ref()
+        .and_then(|reader| reader())
+        .map(|values| {
+            serde_json::Value::Object(
+                values
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), json!(v)))
+                    .collect(),
+            )
+        });
+    let details: serde_json::Map<String, serde_json::Value> = state
+        .details
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
+    json!({
+        "mode": state.mode,
+        "details": details,
+        "uptime_s": state.started.elapsed().as_secs_f64(),
+        "counter": state.counter.load(),
+        "ready": state.readiness.reason().is_none(),
+        "workers": workers,
+        "http_counter": {
+            "requests": state.http_counter_stats.requests.get(),
+            "replies": state.http_counter_stats.replies.get(),
+        },
+        "xdp": xdp,
+        "config": state.config,
+        "workers_running": state.readiness.workers_running.load(Ordering::Relaxed),
+        // Everything in /metrics, HTTP request counts and latency histograms included.
+        "metrics": metrics_text(state),
+    })
+}
+
+/// Records one handled HTTP request in the server's metrics.
+pub fn observe(state: &AppState, route: &'static str, status: u16, seconds: f64) {
+    state
+        .http
+        .requests
+        .get_or_create(&RouteStatus { route, status })
+        .inc();
+    state
+        .http
+        .latency
+        .get_or_create(&RouteLabel { route })
+        .observe(seconds);
+}

@@ -1,0 +1,155 @@
+//! What the HTTP endpoints read: the datapaths' per-worker records, the global counter, readiness,
+//! and the HTTP server's own metrics. Everything here is read without locks on the packet path.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter as PromCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+
+use crate::core::Counter;
+use crate::spec::CpuId;
+use crate::stats::WorkerStats;
+
+/// XDP_STATISTICS of one AF_XDP socket, published by its worker about once a second.
+#[derive(Debug, Default)]
+pub struct XskLive {
+    pub rx_dropped: AtomicU64,
+    pub rx_ring_full: AtomicU64,
+    pub fill_ring_empty_descs: AtomicU64,
+    pub tx_invalid_descs: AtomicU64,
+    pub tx_ring_empty_descs: AtomicU64,
+}
+
+impl XskLive {
+    pub fn fields(&self) -> [(&'static str, u64); 5] {
+        [
+            ("rx_dropped", self.rx_dropped.load(Ordering::Relaxed)),
+            ("rx_ring_full", self.rx_ring_full.load(Ordering::Relaxed)),
+            (
+                "fill_ring_empty_descs",
+                self.fill_ring_empty_descs.load(Ordering::Relaxed),
+            ),
+            (
+                "tx_invalid_descs",
+                self.tx_invalid_descs.load(Ordering::Relaxed),
+            ),
+            (
+                "tx_ring_empty_descs",
+                self.tx_ring_empty_descs.load(Ordering::Relaxed),
+            ),
+        ]
+    }
+}
+
+/// One packet worker as the endpoints see it.
+pub struct WorkerView {
+    /// `kernel` or `afxdp`.
+    pub datapath: &'static str,
+    /// The worker index (kernel) or RX queue (afxdp).
+    pub id: u32,
+    pub cpu: CpuId,
+    pub stats: Arc<WorkerStats>,
+    pub xsk: Option<Arc<XskLive>>,
+}
+
+/// Readiness: every packet worker running and the XDP program (if any) attached.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    pub workers_expected: AtomicUsize,
+    pub workers_running: AtomicUsize,
+    pub xdp_expected: AtomicBool,
+    pub xdp_attached: AtomicBool,
+    pub stopping: AtomicBool,
+}
+
+impl Readiness {
+    /// None when ready, otherwise why not.
+    pub fn reason(&self) -> Option<String> {
+        if self.stopping.load(Ordering::Relaxed) {
+            return Some("shutting down".into());
+        }
+        let expected = self.workers_expected.load(Ordering::Relaxed);
+        let running = self.workers_running.load(Ordering::Relaxed);
+        if running < expected {
+            return Some(format!("{running} of {expected} packet workers running"));
+        }
+        if self.xdp_expected.load(Ordering::Relaxed) && !self.xdp_attached.load(Ordering::Relaxed) {
+            return Some("the XDP program is not attached".into());
+        }
+        None
+    }
+}
+
+/// Reads the XDP program's per-CPU counters (summed), when a program is loaded.
+pub type XdpStatsReader = Box<dyn Fn() -> Option<Vec<(&'static str, u64)>> + Send + Sync>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteStatus {
+    pub route: &'static str,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: &'static str,
+}
+
+/// The HTTP server's own metrics, shared by its workers.
+pub struct HttpMetrics {
+    pub requests: Family<RouteStatus, PromCounter>,
+    pub latency: Family<RouteLabel, Histogram>,
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        HttpMetrics {
+            requests: Family::default(),
+            // 10 µs .. ~5 s.
+            latency: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_01, 2.5, 15))
+            }),
+        }
+    }
+}
+
+/// Everything the endpoints need.
+pub struct AppState {
+    pub started: Instant,
+    pub mode: &'static str,
+    /// Mode details and fallbacks taken, e.g. `xdp=generic`, `zero_copy=off`.
+    pub details: Mutex<Vec<(String, String)>>,
+    /// The configuration as given, for /stats.
+    pub config: serde_json::Value,
+    pub counter: Arc<dyn Counter>,
+    pub workers: Mutex<Vec<WorkerView>>,
+    pub xdp_stats: Mutex<Option<XdpStatsReader>>,
+    pub readiness: Readiness,
+    pub http: HttpMetrics,
+    /// Statistics of counter updates made over HTTP (POST /counter).
+    pub http_counter_stats: WorkerStats,
+}
+
+impl AppState {
+    pub fn new(
+        mode: &'static str,
+        config: serde_json::Value,
+        counter: Arc<dyn Counter>,
+    ) -> AppState {
+        AppState {
+            started: Instant::now(),
+            mode,
+            details: Mutex::new(Vec::new()),
+            config,
+            counter,
+            workers: Mutex::new(Vec::new()),
+            xdp_stats: Mutex::new(None),
+            readiness: Readiness::default(),
+            http: HttpMetrics::default(),
+            http_counter_stats: WorkerStats::default(),
+        }
+    }
+}

@@ -1,0 +1,599 @@
+//! The HTTP endpoints end to end: every endpoint and error path, keep-alive and pipelining, HTTP and
+//! UDP increments on one exact counter, the Prometheus output through a real parser, CPU profiles,
+//! and the dashboard in headless Chromium.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn http_addr(server: &Server) -> SocketAddr {
+    let spec = server.spec("http+http://");
+    spec.trim_start_matches("http+http://").parse().unwrap()
+}
+
+/// One parsed HTTP response.
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).to_string()
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+}
+
+/// Reads one response (Content-Length framed) from a keep-alive connection.
+fn read_reply(reader: &mut BufReader<TcpStream>) -> Reply {
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).unwrap();
+    assert!(
+        status_line.starts_with("HTTP/1.1 "),
+        "bad status line {status_line:?}"
+    );
+    let status: u16 = status_line[9..12].parse().unwrap();
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        let (k, v) = line.split_once(':').unwrap();
+        headers.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .map(|(_, v)| v.parse().unwrap())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).unwrap();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn connect(addr: SocketAddr) -> (TcpStream, BufReader<TcpStream>) {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let r = BufReader::new(s.try_clone().unwrap());
+    (s, r)
+}
+
+/// Sends raw bytes on a fresh connection and reads one response.
+fn raw(addr: SocketAddr, bytes: &[u8]) -> Reply {
+    let (mut s, mut r) = connect(addr);
+    s.write_all(bytes).unwrap();
+    read_reply(&mut r)
+}
+
+fn get(addr: SocketAddr, path: &str) -> Reply {
+    raw(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+}
+
+fn post(
+    addr: SocketAddr,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+    token: Option<&str>,
+) -> Reply {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{auth}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    raw(addr, &req)
+}
+
+#[test]
+fn every_endpoint_answers() {
+    let server = Server::start(&["--listen", "udp://127.0.0.1:0"]);
+    let addr = http_addr(&server);
+
+    let r = get(addr, "/healthz");
+    assert_eq!((r.status, r.text().as_str()), (200, "ok\n"));
+    let r = get(addr, "/readyz");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["ready"], true);
+
+    let r = get(addr, "/counter");
+    assert_eq!(r.json()["value"], 0);
+    let r = post(
+        addr,
+        "/counter",
+        "application/json",
+        br#"{"increment": 40}"#,
+        None,
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["value"], 40);
+    let r = post(
+        addr,
+        "/counter",
+        "application/octet-stream",
+        &frame(2),
+        None,
+    );
+    assert_eq!(
+        (r.status, r.header("content-type")),
+        (200, Some("application/octet-stream"))
+    );
+    assert_eq!(parse_reply(&r.body), 42);
+    assert_eq!(get(addr, "/counter").json()["value"], 42);
+
+    let stats = get(addr, "/stats").json();
+    assert_eq!(stats["mode"], "kernel");
+    assert_eq!(stats["counter"], 42);
+    assert!(!stats["workers"].as_array().unwrap().is_empty());
+    assert!(stats["metrics"]
+        .as_str()
+        .unwrap()
+        .contains("ricochet_counter"));
+    assert!(stats["uptime_s"].as_f64().unwrap() >= 0.0);
+
+    let page = get(addr, "/");
+    assert_eq!(page.status, 200);
+    assert!(page
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(page.text().contains("id=\"counter\""));
+
+    // HEAD: the headers of a GET, no body.
+    let (mut s, mut reader) = connect(addr);
+    s.write_all(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut head = String::new();
+    reader.read_to_string(&mut head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(
+        head.contains("Content-Length: 3\r\n") && head.ends_with("\r\n\r\n"),
+        "{head}"
+    );
+}
+
+#[test]
+fn metrics_parse_with_a_real_parser() {
+    let server = Server::start(&["--listen", "udp://127.0.0.1:0"]);
+    let addr = http_addr(&server);
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.connect(server.addr("counter+udp")).unwrap();
+    udp.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut buf = [0u8; 64];
+    for _ in 0..5 {
+        udp.send(&frame(3)).unwrap();
+        udp.recv(&mut buf).unwrap();
+    }
+    udp.send(b"aaaaaaaaaaaaaaaa").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = get(addr, "/healthz");
+    let r = get(addr, "/metrics");
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("the exposition parses");
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    assert_eq!(value("ricochet_counter", &[]), 15.0);
+    assert_eq!(
+        value("ricochet_requests_total", &[("datapath", "kernel")]),
+        6.0
+    );
+    assert_eq!(
+        value("ricochet_replies_total", &[("datapath", "kernel")]),
+        5.0
+    );
+    assert_eq!(
+        value("ricochet_drops_total", &[("reason", "bad_hash")]),
+        1.0
+    );
+    assert!(
+        value(
+            "ricochet_http_requests_total",
+            &[("route", "/healthz"), ("status", "200")]
+        ) >= 1.0
+    );
+    assert!(text.contains("ricochet_http_request_duration_seconds_bucket"));
+    assert!(text.contains("ricochet_build_info{"));
+    assert!(text.trim_end().ends_with("# EOF"));
+}
+
+#[test]
+fn error_paths() {
+    let server = Server::start(&[
+        "--listen",
+        "udp://127.0.0.1:0",
+        "--http-token",
+        "s3cret",
+        "--http-header-timeout",
+        "1s",
+    ]);
+    let addr = http_addr(&server);
+    assert_eq!(get(addr, "/nope").status, 404);
+    let r = raw(addr, b"DELETE /counter HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(
+        (r.status, r.header("allow")),
+        (405, Some("GET, HEAD, POST"))
+    );
+    // Token: missing, wrong, right.
+    assert_eq!(
+        post(
+            addr,
+            "/counter",
+            "application/json",
+            br#"{"increment": 1}"#,
+            None
+        )
+        .status,
+        401
+    );
+    assert_eq!(
+        post(
+            addr,
+            "/counter",
+            "application/json",
+            br#"{"increment": 1}"#,
+            Some("s3cre7")
+        )
+        .status,
+        401
+    );
+    assert_eq!(
+        post(
+            addr,
+            "/counter",
+            "application/json",
+            br#"{"increment": 1}"#,
+            Some("s3cret")
+        )
+        .status,
+        200
+    );
+    assert_eq!(get(addr, "/debug/pprof/profile?seconds=1").status, 401);
+    // Bad bodies change nothing.
+    for (ct, body) in [
+        ("application/json", &b"{\"increment\": -1}"[..]),
+        ("application/json", &b"{\"increment\": \"7\"}"[..]),
+        ("application/json", &b"not json"[..]),
+        ("application/octet-stream", &b"aaaaaaaaaaaaaaaa"[..]),
+        ("application/octet-stream", &b"short"[..]),
+    ] {
+        let r = post(addr, "/counter", ct, body, Some("s3cret"));
+        assert_eq!(r.status, 400, "{ct} {body:?}");
+        assert!(r.json()["error"].is_string());
+    }
+    assert_eq!(
+        post(addr, "/counter", "text/plain", b"1", Some("s3cret")).status,
+        415
+    );
+    assert_eq!(get(addr, "/counter").json()["value"], 1);
+    // Limits.
+    let r = raw(addr, b"POST /counter HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n");
+    assert_eq!(r.status, 413);
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(9000)
+    );
+    assert_eq!(raw(addr, big.as_bytes()).status, 431);
+    let many: String = (0..40).map(|i| format!("X-{i}: y\r\n")).collect();
+    assert_eq!(
+        raw(
+            addr,
+            format!("GET /healthz HTTP/1.1\r\n{many}\r\n").as_bytes()
+        )
+        .status,
+        431
+    );
+    assert_eq!(raw(addr, b"GARBAGE\x01\x02 / HTTP/1.1\r\n\r\n").status, 400);
+    assert_eq!(
+        raw(
+            addr,
+            b"POST /counter HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        .status,
+        501
+    );
+    assert_eq!(get(addr, "/debug/pprof/profile?seconds=99").status, 401);
+    // Slowloris: a request line that never ends gets 408 after the header timeout.
+    let (mut s, mut reader) = connect(addr);
+    s.write_all(b"GET /healthz HTT").unwrap();
+    let started = Instant::now();
+    let r = read_reply(&mut reader);
+    assert_eq!(r.status, 408);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(server.terminate().0);
+}
+
+#[test]
+fn non_loopback_needs_a_token_and_rate_limit_answers_429() {
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "udp://127.0.0.1:0",
+            "--http",
+            "0.0.0.0:0",
+        ])
+        .env_remove("RICOCHET_HTTP_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--http-token"));
+
+    let server = Server::start(&["--listen", "udp://127.0.0.1:0", "--http-rate-limit", "5"]);
+    let addr = http_addr(&server);
+    let (mut s, mut r) = connect(addr);
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        statuses.push(read_reply(&mut r).status);
+    }
+    assert!(
+        statuses.contains(&200) && statuses.contains(&429),
+        "{statuses:?}"
+    );
+}
+
+#[test]
+fn keep_alive_and_pipelining() {
+    let server = Server::start(&["--listen", "udp://127.0.0.1:0"]);
+    let addr = http_addr(&server);
+    let (mut s, mut r) = connect(addr);
+    // Three requests in one write, answered in order on one connection.
+    let body = br#"{"increment": 5}"#;
+    let mut batch = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+    batch.extend_from_slice(
+        format!("POST /counter HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(),
+    );
+    batch.extend_from_slice(body);
+    batch.extend_from_slice(b"GET /counter HTTP/1.1\r\nHost: x\r\n\r\n");
+    s.write_all(&batch).unwrap();
+    assert_eq!(read_reply(&mut r).text(), "ok\n");
+    assert_eq!(read_reply(&mut r).json()["value"], 5);
+    assert_eq!(read_reply(&mut r).json()["value"], 5);
+    // The connection stays open: a request split across writes still works.
+    s.write_all(b"GET /coun").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    s.write_all(b"ter HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_eq!(read_reply(&mut r).json()["value"], 5);
+    // Connection: close is honoured.
+    s.write_all(b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let last = read_reply(&mut r);
+    assert_eq!(last.header("connection"), Some("close"));
+    let mut rest = Vec::new();
+    assert_eq!(r.read_to_end(&mut rest).unwrap(), 0);
+}
+
+#[test]
+fn http_and_udp_increments_sum_exactly() {
+    let server = Server::start(&["--listen", "udp://127.0.0.1:0"]);
+    let addr = http_addr(&server);
+    let udp = server.addr("counter+udp");
+    let seen: Observations = Arc::default();
+    let http_sum = Arc::new(Mutex::new(0u64));
+    let mut threads = Vec::new();
+    for c in 0..4u64 {
+        let seen = seen.clone();
+        threads.push(std::thread::spawn(move || {
+            udp_client(udp, 500 + c, 500, seen)
+        }));
+    }
+    for c in 0..4u64 {
+        let http_sum = http_sum.clone();
+        let seen = seen.clone();
+        threads.push(std::thread::spawn(move || {
+            let (mut s, mut r) = connect(addr);
+            let mut rng = Rng::new(900 + c);
+            for _ in 0..200 {
+                let inc = 1 + rng.below(1000);
+                let body = format!("{{\"increment\": {inc}}}");
+                s.write_all(
+                    format!("POST /counter HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+                        .as_bytes(),
+                )
+                .unwrap();
+                let reply = read_reply(&mut r);
+                assert_eq!(reply.status, 200);
+                let value = reply.json()["value"].as_u64().unwrap();
+                *http_sum.lock().unwrap() += inc;
+                seen.lock().unwrap().push((inc, value));
+            }
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    let sum = check_exact(&seen.lock().unwrap());
+    assert_eq!(get(addr, "/counter").json()["value"].as_u64().unwrap(), sum);
+    let (ok, output) = server.terminate();
+    assert!(ok);
+    assert_eq!(final_counter(&output), sum);
+}
+
+#[test]
+fn cpu_profiles() {
+    let server = Server::start(&["--listen", "udp://127.0.0.1:0"]);
+    let addr = http_addr(&server);
+    let r = get(addr, "/debug/pprof/profile?seconds=1");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/octet-stream"));
+    // A pprof Profile message starts with field 1 (sample_type, length-delimited): tag 0x0a.
+    assert!(
+        !r.body.is_empty() && r.body[0] == 0x0a,
+        "not a pprof protobuf"
+    );
+    let r = get(addr, "/debug/pprof/profile?seconds=1&format=flamegraph");
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("<svg"), "not an SVG: {}", r.text());
+    assert_eq!(get(addr, "/debug/pprof/profile?seconds=0").status, 400);
+    assert_eq!(get(addr, "/debug/pprof/profile?seconds=61").status, 400);
+}
+
+/// A minimal WebDriver client: JSON over HTTP/1.1 with Connection: close.
+fn webdriver(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // chromedriver may keep the connection open: frame the reply by its Content-Length.
+    let reply = read_reply(&mut BufReader::new(s));
+    serde_json::from_slice(&reply.body)
+        .unwrap_or_else(|e| panic!("chromedriver answered {}: {e}", reply.text()))
+}
+
+#[test]
+fn dashboard_shows_the_counter_changing_in_headless_chromium() {
+    if !require_tool("chromium", "chromium") || !require_tool("chromedriver", "chromium-driver") {
+        return;
+    }
+    let server = Server::start(&["--listen", "udp://127.0.0.1:0"]);
+    let addr = http_addr(&server);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    /// Kills chromedriver (and with it the browser) however the test ends.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _driver = Kill(
+        Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "chromedriver did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let profile = temp_path("chromium-profile");
+    let session = webdriver(
+        port,
+        "POST",
+        "/session",
+        Some(
+            serde_json::json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                         "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                         format!("--user-data-dir={}", profile.display())]
+            }}}}),
+        ),
+    );
+    let id = session["value"]["sessionId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no session: {session}"))
+        .to_string();
+    let base = format!("/session/{id}");
+    webdriver(
+        port,
+        "POST",
+        &format!("{base}/url"),
+        Some(serde_json::json!({"url": format!("http://{addr}/")})),
+    );
+    let counter_text = || -> String {
+        let el = webdriver(
+            port,
+            "POST",
+            &format!("{base}/element"),
+            Some(serde_json::json!({"using": "css selector", "value": "#counter"})),
+        );
+        let eid = el["value"]
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(|v| v.as_str())
+            .unwrap()
+            .to_string();
+        webdriver(port, "GET", &format!("{base}/element/{eid}/text"), None)["value"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    let wait_for = |want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = counter_text();
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the page shows {got:?}, expected {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_for("0");
+    // Counter requests over UDP; the page must follow.
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.connect(server.addr("counter+udp")).unwrap();
+    udp.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut buf = [0u8; 64];
+    for _ in 0..7 {
+        udp.send(&frame(6)).unwrap();
+        udp.recv(&mut buf).unwrap();
+    }
+    wait_for("42");
+    webdriver(port, "DELETE", &base, None);
+}
