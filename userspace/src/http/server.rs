@@ -150,6 +150,7 @@ impl HttpServer {
                 idle_timeout: config.idle_timeout,
                 scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
                 date: HttpDate::default(),
+                metrics: routes::MetricsCache::new(i as u32),
             };
             let cpu = (!config.cpus.is_empty()).then(|| config.cpus[i % config.cpus.len()]);
             handles.push(
@@ -253,6 +254,7 @@ struct HttpWorker {
     idle_timeout: Duration,
     scratch: Box<[u8]>,
     date: HttpDate,
+    metrics: routes::MetricsCache,
 }
 
 impl HttpWorker {
@@ -441,7 +443,7 @@ impl HttpWorker {
 
     /// Answers every complete request in the connection's buffer, in order.
     fn process(&mut self, key: usize) -> Outcome {
-        let date = self.date.get().to_string();
+        let date = self.date.get();
         let conn = self.conns.get_mut(key).expect("live connection");
         let mut consumed = 0;
         let mut outcome = Outcome::Continue;
@@ -457,7 +459,7 @@ impl HttpWorker {
                         conn,
                         431,
                         "the request line and headers exceed 8 KiB",
-                        &date,
+                        date,
                         &self.state,
                     );
                     break;
@@ -468,18 +470,18 @@ impl HttpWorker {
                             conn,
                             431,
                             "the request line and headers exceed 8 KiB",
-                            &date,
+                            date,
                             &self.state,
                         );
                     }
                     break;
                 }
                 Err(httparse::Error::TooManyHeaders) => {
-                    reject(conn, 431, "more than 32 header fields", &date, &self.state);
+                    reject(conn, 431, "more than 32 header fields", date, &self.state);
                     break;
                 }
                 Err(_) => {
-                    reject(conn, 400, "malformed request", &date, &self.state);
+                    reject(conn, 400, "malformed request", date, &self.state);
                     break;
                 }
             };
@@ -517,7 +519,7 @@ impl HttpWorker {
                 }
             }
             if bad_length {
-                reject(conn, 400, "bad Content-Length", &date, &self.state);
+                reject(conn, 400, "bad Content-Length", date, &self.state);
                 break;
             }
             if chunked {
@@ -525,7 +527,7 @@ impl HttpWorker {
                     conn,
                     501,
                     "chunked request bodies are not supported: send Content-Length",
-                    &date,
+                    date,
                     &self.state,
                 );
                 break;
@@ -535,7 +537,7 @@ impl HttpWorker {
                     conn,
                     413,
                     "the request body exceeds 64 KiB",
-                    &date,
+                    date,
                     &self.state,
                 );
                 break;
@@ -578,8 +580,8 @@ impl HttpWorker {
                     }
                 }
             };
-            write_response(&mut conn.outbuf, &response, head_only, close, &date);
-            routes::observe(
+            write_response(&mut conn.outbuf, &response, head_only, close, date);
+            self.metrics.observe(
                 &self.state,
                 route,
                 response.status,
@@ -716,17 +718,21 @@ fn reject(conn: &mut Conn, status: u16, message: &str, date: &str, state: &AppSt
     conn.close_after_flush = true;
 }
 
-/// Serializes a response (status line, headers, body) onto `out`.
+/// Serializes a response (status line, headers, body) onto `out`, without `fmt` on the hot path.
 pub fn write_response(out: &mut Vec<u8>, r: &Response, head_only: bool, close: bool, date: &str) {
     let body = r.body.bytes();
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\nServer: ricochet\r\nDate: {date}\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
-        r.status,
-        routes::reason_phrase(r.status),
-        r.content_type,
-        body.len()
-    );
+    let mut digits = [0u8; 20];
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(crate::wire::decimal(u64::from(r.status), &mut digits));
+    out.push(b' ');
+    out.extend_from_slice(routes::reason_phrase(r.status).as_bytes());
+    out.extend_from_slice(b"\r\nServer: ricochet\r\nDate: ");
+    out.extend_from_slice(date.as_bytes());
+    out.extend_from_slice(b"\r\nContent-Type: ");
+    out.extend_from_slice(r.content_type.as_bytes());
+    out.extend_from_slice(b"\r\nContent-Length: ");
+    out.extend_from_slice(crate::wire::decimal(body.len() as u64, &mut digits));
+    out.extend_from_slice(b"\r\n");
     if let Some(extra) = r.extra_header {
         out.extend_from_slice(extra.as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -737,5 +743,27 @@ pub fn write_response(out: &mut Vec<u8>, r: &Response, head_only: bool, close: b
     out.extend_from_slice(b"\r\n");
     if !head_only {
         out.extend_from_slice(body);
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use crate::http::routes::Body;
+
+    #[test]
+    fn response_head_is_well_formed() {
+        let mut out = Vec::new();
+        let r = Response {
+            status: 404,
+            content_type: "application/json",
+            body: Body::Static(b"{}"),
+            extra_header: Some("Allow: GET"),
+        };
+        write_response(&mut out, &r, false, true, "Sun, 22 Nov 2026 15:00:00 GMT");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 404 Not Found\r\nServer: ricochet\r\nDate: Sun, 22 Nov 2026 15:00:00 GMT\r\nContent-Type: application/json\r\nContent-Length: 2\r\nAllow: GET\r\nConnection: close\r\n\r\n{}"
+        );
     }
 }

@@ -96,6 +96,8 @@ pub struct RouteStatus {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabel {
     pub route: &'static str,
+    /// The HTTP worker, so that workers never contend for one histogram's lock.
+    pub worker: u32,
 }
 
 /// The HTTP server's own metrics, shared by its workers.
