@@ -10,6 +10,7 @@ pub mod afxdp;
 pub mod bench;
 pub mod core;
 pub mod http;
+pub mod hw;
 pub mod kernel;
 pub mod serve;
 pub mod spec;

@@ -21,6 +21,11 @@ enum Command {
     Serve(ricochet::serve::ServeArgs),
     /// Load a responder and measure latency and throughput.
     Bench(ricochet::bench::BenchArgs),
+    /// Check, apply or revert a hardware profile (hw-profiles/*.toml).
+    Hw {
+        #[command(subcommand)]
+        command: ricochet::hw::HwCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -35,6 +40,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => ricochet::serve::run(args),
         Command::Bench(args) => ricochet::bench::run(args),
+        Command::Hw { command } => ricochet::hw::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -86,25 +86,26 @@ pub struct ServeArgs {
     #[arg(long, value_name = "LIST")]
     pub queues: Option<CpuList>,
 
-    /// Where the XDP program runs: native (driver), generic (kernel), or auto (native, then generic).
-    #[arg(long, value_enum, default_value = "auto")]
-    pub xdp_mode: XdpAttachMode,
+    /// Where the XDP program runs: native (driver), generic (kernel), or auto (native, then generic;
+    /// the default).
+    #[arg(long, value_enum)]
+    pub xdp_mode: Option<XdpAttachMode>,
 
-    /// AF_XDP zero-copy: on, off, or auto (try zero-copy, fall back to copy mode).
-    #[arg(long, value_enum, default_value = "auto")]
-    pub zero_copy: ZeroCopy,
+    /// AF_XDP zero-copy: on, off, or auto (try zero-copy, fall back to copy mode; the default).
+    #[arg(long, value_enum)]
+    pub zero_copy: Option<ZeroCopy>,
 
-    /// UMEM frame size in bytes (2048 or 4096).
-    #[arg(long, default_value_t = 2048, value_parser = parse_frame_size)]
-    pub frame_size: u32,
+    /// UMEM frame size in bytes (2048 or 4096; default 2048).
+    #[arg(long, value_parser = parse_frame_size)]
+    pub frame_size: Option<u32>,
 
-    /// UMEM frames per AF_XDP socket.
-    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(64..=1 << 20))]
-    pub frame_count: u32,
+    /// UMEM frames per AF_XDP socket (default 4096).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(64..=1 << 20))]
+    pub frame_count: Option<u32>,
 
-    /// Entries in each AF_XDP ring (fill, completion, RX, TX); a power of two.
-    #[arg(long, default_value_t = 1024, value_parser = parse_ring_size)]
-    pub ring_size: u32,
+    /// Entries in each AF_XDP ring (fill, completion, RX, TX); a power of two (default 1024).
+    #[arg(long, value_parser = parse_ring_size)]
+    pub ring_size: Option<u32>,
 
     /// Put the UMEM on huge pages (reserve them first: /proc/sys/vm/nr_hugepages).
     #[arg(long)]
@@ -122,6 +123,11 @@ pub struct ServeArgs {
     /// Replace an XDP program someone else attached to the interface.
     #[arg(long)]
     pub force: bool,
+
+    /// A hardware profile (hw-profiles/*.toml): interface, queues, worker CPUs, XDP and zero-copy modes,
+    /// UMEM sizes and busy polling come from it; flags given on the command line win.
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<std::path::PathBuf>,
 
     /// Address of the HTTP endpoints (health, metrics, counter API, profiling, dashboard):
     /// HOST:PORT, unix:///PATH, or off.
@@ -196,8 +202,9 @@ fn config_json(args: &ServeArgs, cpus: &[CpuId], bound: &[ListenSpec]) -> serde_
         "max_datagram": args.max_datagram,
         "iface": args.iface,
         "queues": args.queues.as_ref().map(|q| q.to_string()),
-        "xdp_mode": format!("{:?}", args.xdp_mode).to_lowercase(),
-        "zero_copy": format!("{:?}", args.zero_copy).to_lowercase(),
+        "xdp_mode": format!("{:?}", args.xdp_mode.unwrap_or(XdpAttachMode::Auto)).to_lowercase(),
+        "zero_copy": format!("{:?}", args.zero_copy.unwrap_or(ZeroCopy::Auto)).to_lowercase(),
+        "profile": args.profile.as_ref().map(|p| p.display().to_string()),
         "frame_size": args.frame_size,
         "frame_count": args.frame_count,
         "ring_size": args.ring_size,
@@ -212,7 +219,7 @@ fn config_json(args: &ServeArgs, cpus: &[CpuId], bound: &[ListenSpec]) -> serde_
 
 /// The XDP mode tried first (auto tries native).
 fn requested_xdp_mode(args: &ServeArgs) -> Option<&'static str> {
-    match (args.mode, args.xdp_mode) {
+    match (args.mode, args.xdp_mode.unwrap_or(XdpAttachMode::Auto)) {
         (Mode::Kernel, _) => None,
         (_, XdpAttachMode::Native | XdpAttachMode::Auto) => Some("native"),
         (_, XdpAttachMode::Generic) => Some("generic"),
@@ -234,7 +241,45 @@ fn poll_name(poll: PollMode) -> &'static str {
     }
 }
 
+/// Fills what the command line left out from the profile.
+fn apply_profile(mut args: ServeArgs) -> Result<ServeArgs> {
+    let Some(path) = args.profile.clone() else {
+        return Ok(args);
+    };
+    let p = crate::hw::Profile::load(&path)?;
+    if args.mode == Mode::Kernel {
+        bail!("--profile describes NIC queues for --mode afxdp or xdp: add one of those modes");
+    }
+    args.iface.get_or_insert(p.interface.name.clone());
+    if args.queues.is_none() {
+        args.queues = Some(CpuList(
+            p.queue_ids()
+                .into_iter()
+                .map(|q| CpuId(q as usize))
+                .collect(),
+        ));
+    }
+    if args.cpus.is_none() && args.mode == Mode::Afxdp {
+        // One AF_XDP worker per queue, on the queue's worker CPU (mapped queue by queue).
+        args.cpus = Some(CpuList(p.worker_cpus().into_iter().map(CpuId).collect()));
+    }
+    args.xdp_mode.get_or_insert(p.xdp.mode.to_mode());
+    args.zero_copy.get_or_insert(p.xdp.zero_copy.to_mode());
+    args.frame_size.get_or_insert(p.umem.frame_size);
+    args.frame_count.get_or_insert(p.umem.frame_count);
+    args.ring_size.get_or_insert(p.umem.ring_size);
+    args.huge_pages |= p.umem.huge_pages;
+    if p.busy_poll.usecs > 0 && args.busy_poll.is_none() {
+        args.busy_poll = Some(p.busy_poll.usecs);
+        if args.busy_poll_budget.is_none() {
+            args.busy_poll_budget = p.busy_poll.budget;
+        }
+    }
+    Ok(args)
+}
+
 pub fn run(args: ServeArgs) -> Result<()> {
+    let args = apply_profile(args)?;
     let cpus = resolve_cpus(args.cpus.as_ref())?;
     let http_listen: Option<HttpListen> = match args.http.as_str() {
         "off" => None,
@@ -339,10 +384,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
             };
             let params = SocketParams {
                 iface: iface.clone(),
-                frame_size: args.frame_size,
-                frame_count: args.frame_count,
-                ring_size: args.ring_size,
-                zero_copy: args.zero_copy,
+                frame_size: args.frame_size.unwrap_or(2048),
+                frame_count: args.frame_count.unwrap_or(4096),
+                ring_size: args.ring_size.unwrap_or(1024),
+                zero_copy: args.zero_copy.unwrap_or(ZeroCopy::Auto),
                 huge_pages: args.huge_pages,
                 busy_poll_usecs: args.busy_poll,
                 busy_poll_budget: args.busy_poll_budget,
@@ -354,7 +399,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 &udp_listeners,
                 &queues,
                 &cpus,
-                args.xdp_mode,
+                args.xdp_mode.unwrap_or(XdpAttachMode::Auto),
                 args.force,
                 counter.clone(),
                 stop.clone(),
@@ -367,7 +412,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
             }
         }
         (Mode::Xdp, Some(iface), Some(mut program)) => {
-            match program.attach(iface, args.xdp_mode, args.force) {
+            match program.attach(
+                iface,
+                args.xdp_mode.unwrap_or(XdpAttachMode::Auto),
+                args.force,
+            ) {
                 Ok(attached) => Bypass::Xdp(program, attached),
                 Err(e) => {
                     stop_kernel(&workers);
@@ -413,7 +462,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                     "zero_copy".into(),
                     if dp.zero_copy { "on" } else { "off" }.into(),
                 ));
-                if args.zero_copy == ZeroCopy::Auto && !dp.zero_copy {
+                if args.zero_copy.unwrap_or(ZeroCopy::Auto) == ZeroCopy::Auto && !dp.zero_copy {
                     details.push(("fallback".into(), "zero-copy -> copy mode".into()));
                 }
                 details.push(("afxdp_poll".into(), poll_name(poll).into()));
