@@ -1,41 +1,29 @@
 #!/usr/bin/env bash
-# bench/latency.sh: the main job. Builds ricochet and measures its kernel datapath on loopback against
-# sockperf's own server in one run:
-#   (a) ping-pong round trip, sockperf's client and ricochet's bench client, against sockperf's server
-#       and ricochet's sockperf listener, in block and spin poll modes;
-#   (b) counter throughput with the bench client at several connection counts and depths (UDP, TCP);
-#   (c) the memory of many idle TCP connections (100,000 where the fd limit allows);
-#   (d) in a veth lab between two namespaces: ping-pong, throughput and machine CPU per request at a
-#       fixed rate of kernel block, kernel spin, afxdp and xdp mode, with the same clients.
-# Writes bench/results/<date>/ (results.md, every run's JSON, .hgrm and raw output, commands.txt) and
-# prints the table. Run as root: sudo bench/latency.sh [--quick] [--duration SECONDS] [--connections N]
+# bench/latency.sh: the main job. On a fresh machine, as root: installs what is missing, builds ricochet,
+# brings up the veth lab, and for each datapath (kernel block, kernel spin, afxdp, xdp) runs the same
+# ricochet bench ping-pong and throughput runs, a fixed-rate run for machine CPU per request, and
+# sockperf's client; sockperf's own server runs as the peer reference. Ping-pong uses the sockperf
+# protocol everywhere, so every server answers the same messages. The lab is torn down on exit, also on
+# failure or Ctrl-C. Writes bench/results/<date>/ (results.md, latency.svg, every run's JSON, .hgrm and
+# raw output, commands.txt) and prints the table. Fails if any mode lost or mis-answered a request.
+#
+# usage: sudo bench/latency.sh [--quick] [--duration SECONDS] [--rounds N] [--out DIR]
+#   --quick        1 s per run (CI)
+#   --duration S   seconds per run (default 6: the whole run stays under 3 minutes)
+#   --rounds N     repeat every run N times, alternating the order of the modes (default 1)
 set -euo pipefail
 
-usage() {
-    cat <<'EOF'
-usage: sudo bench/latency.sh [--quick] [--duration SECONDS] [--rounds N] [--connections N] [--out DIR]
-  --quick          short runs for CI (1 s each, one round, 2,000 idle connections)
-  --rounds N       latency rounds, alternating which server runs first (default 3)
-  --duration S     seconds per latency and throughput run (default 5)
-  --connections N  idle TCP connections for the memory run (default 100000)
-  --out DIR        results directory (default bench/results/<UTC date>)
-EOF
-}
-
-DURATION=5
-ROUNDS=3
-IDLE_CONNS=100000
-QUICK=0
+DURATION=6
+ROUNDS=1
 OUT=""
 while [ $# -gt 0 ]; do
     case "$1" in
-        --quick) QUICK=1; DURATION=1; ROUNDS=1; IDLE_CONNS=2000 ;;
-        --rounds) ROUNDS="${2:?--rounds needs a number}"; shift ;;
+        --quick) DURATION=1 ;;
         --duration) DURATION="${2:?--duration needs seconds}"; shift ;;
-        --connections) IDLE_CONNS="${2:?--connections needs a number}"; shift ;;
+        --rounds) ROUNDS="${2:?--rounds needs a number}"; shift ;;
         --out) OUT="${2:?--out needs a directory}"; shift ;;
-        -h|--help) usage; exit 0 ;;
-        *) echo "bench/latency.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
+        -h|--help) sed -n 2,14p "$0"; exit 0 ;;
+        *) echo "bench/latency.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
@@ -43,13 +31,11 @@ done
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 if [ "$(id -u)" != 0 ]; then
-    echo "bench/latency.sh: needs root (CPU pinning, fd limits, package installs): run 'sudo bench/latency.sh'" >&2
+    echo "bench/latency.sh: needs root (network namespaces, XDP, CPU pinning): run 'sudo bench/latency.sh'" >&2
     exit 1
 fi
-
-# Tools: install what is missing.
 missing=()
-for pair in sockperf:sockperf python3:python3 taskset:util-linux ss:iproute2 clang:clang /usr/include/bpf/bpf_helpers.h:libbpf-dev; do
+for pair in sockperf:sockperf taskset:util-linux ip:iproute2 clang:clang /usr/include/bpf/bpf_helpers.h:libbpf-dev ethtool:ethtool; do
     tool="${pair%%:*}"
     if [ "${tool#/}" != "$tool" ]; then [ -e "$tool" ] || missing+=("${pair#*:}"); continue; fi
     command -v "$tool" >/dev/null 2>&1 || missing+=("${pair#*:}")
@@ -66,265 +52,133 @@ fi
 
 echo "== building ricochet (release)"
 cargo build --release --quiet -p ricochet
+cargo build --quiet -p xtask
 RICOCHET="$ROOT/target/release/ricochet"
-
 OUT="${OUT:-$ROOT/bench/results/$(date -u +%F)}"
 RUNS="$OUT/runs"
 rm -rf "$RUNS"
 mkdir -p "$RUNS"
 INDEX="$RUNS/index.jsonl"
-COMMANDS="$OUT/commands.txt"
+COMMANDS="$RUNS/commands.txt"
 : >"$INDEX"
 {
     echo "# bench/latency.sh $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    echo "# duration per run: ${DURATION}s; latency rounds: $ROUNDS; quick=$QUICK"
+    echo "# $DURATION s per run, $ROUNDS round(s); responder on the last CPU, client on CPU 0"
 } >"$COMMANDS"
 
-# The server gets the last CPU, the client the first, so they never share a core.
 NCPU=$(nproc)
 SERVER_CPU=$((NCPU - 1))
 CLIENT_CPU=0
-PORT_BASE=$((20000 + RANDOM % 20000))
+SRV=ricochet-srv
+CLI=ricochet-cli
+ADDR=198.18.0.1
+CPU_RATE=20000
 
-PIDS=()
+SERVER_PID=""
+lab_down() { ip netns del "$SRV" 2>/dev/null || true; ip netns del "$CLI" 2>/dev/null || true; }
 cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    PIDS=()
+    [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null
+    lab_down
 }
 trap cleanup EXIT
 trap 'echo "interrupted" >&2; exit 130' INT TERM
 
-record() { # record KIND FILE key=value...
-    local kind="$1" file="$2"; shift 2
-    local fields="\"kind\":\"$kind\",\"file\":\"$file\""
-    for kv in "$@"; do fields="$fields,\"${kv%%=*}\":\"${kv#*=}\""; done
-    echo "{$fields}" >>"$INDEX"
+log() { echo "$*" >>"$COMMANDS"; }
+record() { # record KIND MODE FILE
+    echo "{\"kind\":\"$1\",\"mode\":\"$2\",\"file\":\"$3\",\"round\":$round}" >>"$INDEX"
 }
 
-log_cmd() { echo "$*" >>"$COMMANDS"; }
+echo "== lab up (one queue)"
+log "cargo xtask lab up --queues 1"
+cargo xtask lab up --queues 1 >/dev/null
 
-# Starts ricochet serve in the background; sets SERVER_PID and waits until it is ready.
-start_ricochet() { # start_ricochet NAME ARGS...
+start_server() { # start_server NAME ARGS...
     local name="$1"; shift
-    log_cmd "$RICOCHET serve $*"
-    "$RICOCHET" serve "$@" >"$RUNS/$name.serve.txt" 2>&1 &
+    log "ip netns exec $SRV $*"
+    ip netns exec "$SRV" "$@" >"$RUNS/$name.server.txt" 2>&1 &
     SERVER_PID=$!
-    PIDS+=("$SERVER_PID")
     for _ in $(seq 100); do
-        grep -q '^ready ' "$RUNS/$name.serve.txt" 2>/dev/null && return 0
-        kill -0 "$SERVER_PID" 2>/dev/null || break
+        if grep -q '^ready ' "$RUNS/$name.server.txt" 2>/dev/null; then return 0; fi
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then break; fi
         sleep 0.05
     done
-    echo "ricochet serve did not start:" >&2
-    cat "$RUNS/$name.serve.txt" >&2
+    # sockperf's server prints no ready line: give it a moment.
+    kill -0 "$SERVER_PID" 2>/dev/null && { sleep 0.5; return 0; }
+    echo "the server did not start:" >&2
+    cat "$RUNS/$name.server.txt" >&2
     exit 1
 }
 
 stop_server() {
     kill -TERM "$SERVER_PID" 2>/dev/null || true
     wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=""
 }
 
-start_sockperf_server() { # start_sockperf_server NAME PORT EXTRA...
-    local name="$1" port="$2"; shift 2
-    log_cmd "taskset -c $SERVER_CPU sockperf server -i 127.0.0.1 -p $port $*"
-    taskset -c "$SERVER_CPU" sockperf server -i 127.0.0.1 -p "$port" "$@" >"$RUNS/$name.server.txt" 2>&1 &
-    SERVER_PID=$!
-    PIDS+=("$SERVER_PID")
-    sleep 0.5
+bench() { # bench NAME SPEC ARGS...
+    local name="$1" spec="$2"; shift 2
+    log "ip netns exec $CLI $RICOCHET bench $spec $* --cpus $CLIENT_CPU --json --hgrm $name.hgrm"
+    ip netns exec "$CLI" "$RICOCHET" bench "$spec" "$@" --cpus "$CLIENT_CPU" --json --hgrm "$RUNS/$name.hgrm" >"$RUNS/$name.json"
 }
 
-sockperf_client() { # sockperf_client NAME PORT key=value...
-    local name="$1" port="$2"; shift 2
-    log_cmd "taskset -c $CLIENT_CPU sockperf ping-pong --full-rtt -i 127.0.0.1 -p $port -t $DURATION"
-    taskset -c "$CLIENT_CPU" sockperf ping-pong --full-rtt -i 127.0.0.1 -p "$port" -t "$DURATION" >"$RUNS/$name.txt" 2>&1
-    record latency "$name.txt" client=sockperf "$@"
+sockperf_client() { # sockperf_client NAME
+    log "ip netns exec $CLI taskset -c $CLIENT_CPU sockperf ping-pong --full-rtt -i $ADDR -p 11111 -t $DURATION"
+    ip netns exec "$CLI" taskset -c "$CLIENT_CPU" sockperf ping-pong --full-rtt -i "$ADDR" -p 11111 -t "$DURATION" >"$RUNS/$1.txt" 2>&1
 }
 
-bench_client() { # bench_client NAME KIND SPEC "BENCH ARGS" key=value...
-    local name="$1" kind="$2" spec="$3" args="$4"; shift 4
-    # shellcheck disable=SC2086
-    log_cmd "$RICOCHET bench $spec $args --cpus $CLIENT_CPU --json --hgrm $name.hgrm"
-    # shellcheck disable=SC2086
-    "$RICOCHET" bench "$spec" $args --cpus "$CLIENT_CPU" --json --hgrm "$RUNS/$name.hgrm" >"$RUNS/$name.json"
-    record "$kind" "$name.json" client=ricochet-bench "$@"
-}
-
-echo "== (a) ping-pong latency: sockperf's server vs ricochet's sockperf listener ($ROUNDS rounds of ${DURATION}s runs)"
-# Rounds alternate which server goes first, so drift on the VM hits both alike; the report takes the
-# median of each statistic over the rounds.
-port=$PORT_BASE
-latency_sockperf_server() { # ROUND POLL
-    local round="$1" poll="$2" extra=()
-    [ "$poll" = spin ] && extra=(--nonblocked)
-    port=$((port + 1))
-    start_sockperf_server "sockperf-server-$poll-r$round" "$port" "${extra[@]}"
-    sockperf_client "lat-sockperf-$poll-sockperf-r$round" "$port" server=sockperf poll="$poll" round="$round"
-    bench_client "lat-sockperf-$poll-bench-r$round" latency "sockperf+udp://127.0.0.1:$port" "--duration ${DURATION}s --warmup 200ms" server=sockperf poll="$poll" round="$round"
-    stop_server
-}
-latency_ricochet() { # ROUND POLL
-    local round="$1" poll="$2"
-    port=$((port + 1))
-    start_ricochet "ricochet-sockperf-$poll-r$round" --listen "sockperf+udp://127.0.0.1:$port" --cpus "$SERVER_CPU" --poll "$poll"
-    sockperf_client "lat-ricochet-$poll-sockperf-r$round" "$port" server=ricochet poll="$poll" round="$round"
-    bench_client "lat-ricochet-$poll-bench-r$round" latency "sockperf+udp://127.0.0.1:$port" "--duration ${DURATION}s --warmup 200ms" server=ricochet poll="$poll" round="$round"
-    stop_server
-}
-for round in $(seq "$ROUNDS"); do
-    for poll in block spin; do
-        if [ $((round % 2)) = 1 ]; then
-            latency_sockperf_server "$round" "$poll"; latency_ricochet "$round" "$poll"
-        else
-            latency_ricochet "$round" "$poll"; latency_sockperf_server "$round" "$poll"
-        fi
-    done
-done
-
-echo "== (b) counter throughput with the bench client"
-if [ "$QUICK" = 1 ]; then conn_list="1 16"; depth_list="1 16"; else conn_list="1 16 64"; depth_list="1 16"; fi
-for poll in block spin; do
-    port=$((port + 1))
-    start_ricochet "ricochet-counter-$poll" --listen "udp://127.0.0.1:$port" --listen "tcp://127.0.0.1:$port" --cpus "$SERVER_CPU" --poll "$poll"
-    for transport in udp tcp; do
-        for c in $conn_list; do
-            for d in $depth_list; do
-                bench_client "tput-$poll-$transport-c$c-d$d" throughput "$transport://127.0.0.1:$port" \
-                    "--duration ${DURATION}s --warmup 200ms -c $c -d $d" server=ricochet poll="$poll" transport="$transport" connections="$c" depth="$d"
-            done
-        done
-    done
-    stop_server
-    cp "$RUNS/ricochet-counter-$poll.serve.txt" "$RUNS/ricochet-counter-$poll.final.txt"
-done
-
-echo "== (c) memory of idle TCP connections"
-# One process may hold at most RLIMIT_NOFILE descriptors. Raise it if we can (needs CAP_SYS_RESOURCE);
-# otherwise measure as many connections as the limit allows and say so.
-want=$((IDLE_CONNS + 1000))
-ulimit -Hn "$want" 2>/dev/null || true
-ulimit -n "$(ulimit -Hn)"
-limit=$(ulimit -n)
-conns=$IDLE_CONNS
-note=""
-if [ "$limit" -lt "$want" ]; then
-    conns=$((limit - 1000))
-    note="RLIMIT_NOFILE is $limit here and cannot be raised (no CAP_SYS_RESOURCE): measured $conns connections instead of $IDLE_CONNS"
-    echo "   $note"
-fi
-port=$((port + 1))
-sources="127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5,127.0.0.6,127.0.0.7,127.0.0.8,127.0.0.9"
-kernel_kib() { awk '/^Slab:/ {print $2}' /proc/meminfo; }
-rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
-start_ricochet "ricochet-idle" --listen "tcp://127.0.0.1:$port" --cpus "$SERVER_CPU"
-sync; echo 2 >/proc/sys/vm/drop_caches 2>/dev/null || true
-sleep 0.5
-rss0=$(rss_kib "$SERVER_PID"); slab0=$(kernel_kib)
-per_client=$((limit - 1000))
-remaining=$conns
-client_pids=()
-while [ "$remaining" -gt 0 ]; do
-    n=$(( remaining < per_client ? remaining : per_client ))
-    log_cmd "$RICOCHET bench tcp://127.0.0.1:$port --connections $n --hold 600s --sources $sources"
-    "$RICOCHET" bench "tcp://127.0.0.1:$port" --connections "$n" --hold 600s --sources "$sources" >>"$RUNS/idle-clients.txt" 2>&1 &
-    client_pids+=($!)
-    PIDS+=($!)
-    remaining=$((remaining - n))
-done
-established=0
-for _ in $(seq 600); do
-    established=$(ss -Htn state established "( sport = :$port )" | wc -l)
-    [ "$established" -ge "$conns" ] && break
-    sleep 0.2
-done
-sleep 1
-rss1=$(rss_kib "$SERVER_PID"); slab1=$(kernel_kib)
-for pid in "${client_pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
-stop_server
-cat >"$RUNS/idle.json" <<EOF
-{"requested": $IDLE_CONNS, "connections": $established, "fd_limit": $limit, "note": "$note",
- "server_rss_kib_before": $rss0, "server_rss_kib_after": $rss1,
- "slab_kib_before": $slab0, "slab_kib_after": $slab1}
-EOF
-record idle idle.json
-
-echo "== (d) veth lab: kernel block vs kernel spin vs afxdp vs xdp (same clients, $ROUNDS rounds)"
-CPU_RATE=20000
-# One queue, so the single ping-pong flow lands on the queue the worker serves; the responder runs
-# on the last CPU, the client on CPU 0. The lab is removed on exit, also on failure.
-LAB_SRV=ricochet-srv
-LAB_CLI=ricochet-cli
-lab_down() { ip netns del "$LAB_SRV" 2>/dev/null || true; ip netns del "$LAB_CLI" 2>/dev/null || true; }
-trap 'cleanup; lab_down' EXIT
-log_cmd "cargo xtask lab up --queues 1"
-cargo xtask lab up --queues 1 >/dev/null
-LAB_ADDR=198.18.0.1
-lab_server() { # lab_server NAME MODE_ARGS...
-    local name="$1"; shift
-    log_cmd "ip netns exec $LAB_SRV $RICOCHET serve $* --listen udp://$LAB_ADDR:7777 --listen sockperf+udp://$LAB_ADDR:11111 --cpus $SERVER_CPU"
-    ip netns exec "$LAB_SRV" "$RICOCHET" serve "$@" --listen "udp://$LAB_ADDR:7777" --listen "sockperf+udp://$LAB_ADDR:11111" \
-        --cpus "$SERVER_CPU" >"$RUNS/$name.serve.txt" 2>&1 &
-    SERVER_PID=$!
-    PIDS+=("$SERVER_PID")
-    for _ in $(seq 100); do
-        grep -q '^ready ' "$RUNS/$name.serve.txt" 2>/dev/null && return 0
-        kill -0 "$SERVER_PID" 2>/dev/null || break
-        sleep 0.05
-    done
-    echo "ricochet serve did not start in the lab:" >&2
-    cat "$RUNS/$name.serve.txt" >&2
-    exit 1
-}
-lab_bench() { # lab_bench NAME KIND CLIENT SPEC "ARGS" key=value...
-    local name="$1" kind="$2" client="$3" spec="$4" args="$5"; shift 5
-    log_cmd "ip netns exec $LAB_CLI $RICOCHET bench $spec $args --cpus $CLIENT_CPU --json --hgrm $name.hgrm"
-    # shellcheck disable=SC2086
-    ip netns exec "$LAB_CLI" "$RICOCHET" bench "$spec" $args --cpus "$CLIENT_CPU" --json --hgrm "$RUNS/$name.hgrm" >"$RUNS/$name.json"
-    record "$kind" "$name.json" client="$client" "$@"
-}
-# Whole-machine CPU time during a fixed-rate run: on veth the XDP program and the softirqs run in
-# the sender's context, so the responder's own CPU time would hide them. /proc/stat's busy fields
-# are sampled at the tick, which misses short timer-driven bursts; its idle time is measured exactly
-# (NOHZ), so busy = wall time x CPUs - idle.
-idle_jiffies() { awk '/^cpu / {print $5+$6}' /proc/stat; }
-lab_cpu() { # lab_cpu NAME key=value...
-    local name="$1"; shift
+# Whole-machine CPU during a fixed-rate run: busy = wall time x CPUs - idle time. On veth the XDP
+# program and softirqs run in the sender's context, so the responder's own CPU time would hide them;
+# /proc/stat's busy fields are tick samples that miss short bursts, its idle time is exact (NOHZ).
+cpu_run() { # cpu_run NAME
     local idle0 idle1 wall0 wall1
-    idle0=$(idle_jiffies); wall0=$(date +%s%N)
-    lab_bench "$name" lab-cpu-bench ricochet-bench "udp://$LAB_ADDR:7777" "--duration ${DURATION}s --rate $CPU_RATE -c 4 --timeout 2s" "$@"
-    wall1=$(date +%s%N); idle1=$(idle_jiffies)
-    echo "{\"wall_ns\": $((wall1 - wall0)), \"idle_jiffies\": $((idle1 - idle0)), \"clk_tck\": $(getconf CLK_TCK), \"cpus\": $NCPU, \"rate\": $CPU_RATE, \"bench\": \"$name.json\"}" >"$RUNS/$name.cpu.json"
-    record lab-cpu "$name.cpu.json" "$@"
+    idle0=$(awk '/^cpu / {print $5+$6}' /proc/stat); wall0=$(date +%s%N)
+    bench "$1" "udp://$ADDR:7777" --duration "${DURATION}s" --rate "$CPU_RATE" -c 4 --timeout 2s
+    wall1=$(date +%s%N); idle1=$(awk '/^cpu / {print $5+$6}' /proc/stat)
+    echo "{\"wall_ns\": $((wall1 - wall0)), \"idle_jiffies\": $((idle1 - idle0)), \"clk_tck\": $(getconf CLK_TCK), \"cpus\": $NCPU, \"rate\": $CPU_RATE, \"bench\": \"$1.json\"}" >"$RUNS/$1.cpu.json"
 }
-lab_sockperf() { # lab_sockperf NAME key=value...
-    local name="$1"; shift
-    log_cmd "ip netns exec $LAB_CLI taskset -c $CLIENT_CPU sockperf ping-pong --full-rtt -i $LAB_ADDR -p 11111 -t $DURATION"
-    ip netns exec "$LAB_CLI" taskset -c "$CLIENT_CPU" sockperf ping-pong --full-rtt -i "$LAB_ADDR" -p 11111 -t "$DURATION" >"$RUNS/$name.txt" 2>&1
-    record lab-latency "$name.txt" client=sockperf "$@"
-}
-lab_mode() { # lab_mode ROUND MODE
-    local round="$1" mode="$2" args
+
+listeners=(--listen "udp://$ADDR:7777" --listen "sockperf+udp://$ADDR:11111" --cpus "$SERVER_CPU" --http off)
+run_mode() { # run_mode MODE
+    local mode="$1" args=()
     case "$mode" in
         kernel-block) args=(--mode kernel --poll block) ;;
         kernel-spin) args=(--mode kernel --poll spin) ;;
         afxdp) args=(--mode afxdp --iface veth-srv --poll spin) ;;
         xdp) args=(--mode xdp --iface veth-srv) ;;
+        sockperf-server) ;;
     esac
-    lab_server "lab-$mode-r$round" "${args[@]}"
-    # The bench client spins so its own wake-up does not hide the server's differences; sockperf's
-    # client blocks. Both see every mode.
-    lab_bench "lab-lat-$mode-bench-r$round" lab-latency ricochet-bench-spin "udp://$LAB_ADDR:7777" "--duration ${DURATION}s --warmup 500ms --spin" mode="$mode" round="$round"
-    lab_sockperf "lab-lat-$mode-sockperf-r$round" mode="$mode" round="$round"
-    lab_bench "lab-tput-$mode-r$round" lab-throughput ricochet-bench "udp://$LAB_ADDR:7777" "--duration ${DURATION}s --warmup 500ms -c 16 -d 16 --timeout 2s" mode="$mode" round="$round"
-    lab_cpu "lab-cpu-$mode-r$round" mode="$mode" round="$round"
+    local tag="$mode-r$round"
+    if [ "$mode" = sockperf-server ]; then
+        start_server "$tag" taskset -c "$SERVER_CPU" sockperf server -i "$ADDR" -p 11111
+    else
+        start_server "$tag" "$RICOCHET" serve "${args[@]}" "${listeners[@]}"
+    fi
+    # The bench client spins so its own wake-up does not hide the servers' differences.
+    bench "pingpong-$tag" "sockperf+udp://$ADDR:11111" --duration "${DURATION}s" --warmup 300ms --spin
+    record pingpong "$mode" "pingpong-$tag.json"
+    sockperf_client "sockperf-$tag"
+    record sockperf "$mode" "sockperf-$tag.txt"
+    if [ "$mode" != sockperf-server ]; then
+        bench "throughput-$tag" "udp://$ADDR:7777" --duration "${DURATION}s" --warmup 300ms -c 16 -d 16 --timeout 2s
+        record throughput "$mode" "throughput-$tag.json"
+        cpu_run "cpu-$tag"
+        record cpu "$mode" "cpu-$tag.cpu.json"
+    fi
     stop_server
 }
+
 for round in $(seq "$ROUNDS"); do
-    if [ $((round % 2)) = 1 ]; then order="kernel-block kernel-spin afxdp xdp"; else order="xdp afxdp kernel-spin kernel-block"; fi
-    for mode in $order; do lab_mode "$round" "$mode"; done
+    if [ $((round % 2)) = 1 ]; then
+        order="sockperf-server kernel-block kernel-spin afxdp xdp"
+    else
+        order="xdp afxdp kernel-spin kernel-block sockperf-server"
+    fi
+    for mode in $order; do
+        echo "== round $round: $mode"
+        run_mode "$mode"
+    done
 done
 lab_down
 
 echo "== report"
-python3 "$ROOT/bench/report.py" "$OUT"
+cargo xtask report "$OUT"

@@ -1,5 +1,6 @@
 //! `cargo xtask`: what cargo alone cannot express. `test` installs the system tools the tests need
-//! (as root) and runs the whole test suite; `lab` builds and removes the veth lab.
+//! (as root) and runs the whole test suite; `lab` builds and removes the veth lab; `report` turns
+//! bench/latency.sh's runs into its report.
 //!
 //! xtask deliberately does not depend on the ricochet crate: ricochet's build script needs clang,
 //! which `cargo xtask test` may first have to install.
@@ -9,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
+
+mod report;
+mod run;
 
 /// System tools the test suite runs, with the Debian package that provides each.
 /// A tool is a command on PATH or, for headers, an absolute path.
@@ -31,13 +35,23 @@ tasks:
   lab up [--queues N]   two network namespaces joined by a veth pair with N queues (default 2):
                         ricochet-srv (veth-srv, 198.18.0.1/30) and ricochet-cli (veth-cli,
                         198.18.0.2/30), no default route, XDP_PASS on veth-cli; idempotent
-  lab down              remove the lab";
+  lab down              remove the lab
+  run --iface IF [--mode afxdp|xdp|kernel] [--profile FILE] [-- SERVE ARGS]
+                        check prerequisites, build, apply the profile, run ricochet serve on IF
+                        (listeners on its address, HTTP on 127.0.0.1:9100); Ctrl-C stops it and
+                        reverts the profile
+  report DIR            results.md and latency.svg from the runs bench/latency.sh recorded in DIR";
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("lab") => lab(&args[1..]),
+        Some("run") => run::run(&args[1..]),
+        Some("report") => match args.get(1) {
+            Some(dir) => report::run(Path::new(dir)),
+            None => Err(anyhow::anyhow!("usage: cargo xtask report RESULTS_DIR")),
+        },
         Some("help" | "-h" | "--help") | None => {
             println!("{USAGE}");
             Ok(())

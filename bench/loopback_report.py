@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Builds results.md from the runs recorded by bench/latency.sh (runs/index.jsonl) and prints it.
+"""Builds loopback.md from the runs recorded by bench/loopback.sh (runs/index.jsonl) and prints it.
 
-Usage: bench/report.py RESULTS_DIR
+Usage: bench/loopback_report.py RESULTS_DIR
 Latency ratios compare ricochet with sockperf's own server measured in the same run, same poll mode
 and same client: below 1.00 means ricochet answered faster.
 """
@@ -44,10 +44,8 @@ def load_runs(runs_dir):
             continue
         meta = json.loads(line)
         path = runs_dir / meta["file"]
-        if meta["kind"] in ("idle", "lab-cpu"):
+        if meta["kind"] == "idle":
             meta["result"] = json.loads(path.read_text())
-            if meta["kind"] == "lab-cpu":
-                meta["result"]["bench"] = parse_bench(json.loads((runs_dir / meta["result"]["bench"]).read_text()))
         elif meta["client"] == "sockperf":
             meta["result"] = parse_sockperf(path.read_text())
         else:
@@ -103,53 +101,6 @@ def throughput_table(runs):
     return "\n".join(rows)
 
 
-def lab_section(runs):
-    """Median over rounds per (mode, client); ratios against kernel spin and kernel block."""
-    lat, tput, cpu = {}, {}, {}
-    for r in runs:
-        if r["kind"] == "lab-cpu":
-            cpu.setdefault(r["mode"], []).append(r["result"])
-        if r["kind"] == "lab-latency":
-            lat.setdefault((r["mode"], r["client"]), []).append(r["result"])
-        elif r["kind"] == "lab-throughput":
-            tput.setdefault(r["mode"], []).append(r["result"])
-    if not lat:
-        return "(not measured)"
-    med = {}
-    for key, results in lat.items():
-        med[key] = {k: median([x["latency_us"][k] for x in results]) for k in ["p50", "p90", "p99", "p99.9", "max"]}
-        med[key]["rounds"] = len(results)
-        med[key]["lost"] = sum(x["lost"] for x in results)
-    order = ["kernel-block", "kernel-spin", "afxdp", "xdp"]
-    rows = ["| mode | client | rounds | p50 µs | p99 µs | p99.9 µs | max µs | lost | p50 / spin | p99 / spin | p50 / block | p99 / block |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (mode, client) in sorted(med, key=lambda k: (k[1], order.index(k[0]) if k[0] in order else 9)):
-        l = med[(mode, client)]
-        spin = med.get(("kernel-spin", client))
-        block = med.get(("kernel-block", client))
-        ratio = lambda base, k: "%.2f" % (l[k] / base[k]) if base and base[k] > 0 else "–"
-        rows.append("| %s | %s | %d | %s | %s | %s | %s | %d | %s | %s | %s | %s |" % (
-            mode, client, l["rounds"], fmt(l["p50"]), fmt(l["p99"]), fmt(l["p99.9"]), fmt(l["max"]), l["lost"],
-            ratio(spin, "p50"), ratio(spin, "p99"), ratio(block, "p50"), ratio(block, "p99")))
-    rows += ["", "| mode | closed-loop replies/s (16 connections x 16 deep, median) | p50 µs | p99 µs | lost |", "|---|---|---|---|---|"]
-    for mode in sorted(tput, key=lambda m: order.index(m) if m in order else 9):
-        results = tput[mode]
-        rows.append("| %s | %.0f | %s | %s | %d |" % (
-            mode, median([x["throughput_rps"] for x in results]),
-            fmt(median([x["latency_us"]["p50"] for x in results])), fmt(median([x["latency_us"]["p99"] for x in results])),
-            sum(x["lost"] for x in results)))
-    if cpu:
-        rows += ["", "| mode | offered rate | replies | machine CPU per request µs (median) | machine CPU busy % |", "|---|---|---|---|---|"]
-        for mode in sorted(cpu, key=lambda m: order.index(m) if m in order else 9):
-            results = cpu[mode]
-            def busy_s(x):
-                return x["wall_ns"] / 1e9 * x["cpus"] - x["idle_jiffies"] / x["clk_tck"]
-            per_req = median([busy_s(x) * 1e6 / max(x["bench"]["received"], 1) for x in results])
-            busy = median([100.0 * busy_s(x) / (x["wall_ns"] / 1e9 * x["cpus"]) for x in results])
-            rows.append("| %s | %d/s | %d | %.1f | %.0f |" % (mode, results[0]["rate"], median([x["bench"]["received"] for x in results]), per_req, busy))
-    return "\n".join(rows)
-
-
 def idle_section(runs):
     idle = [r for r in runs if r["kind"] == "idle"]
     if not idle:
@@ -192,7 +143,7 @@ def main():
     runs = load_runs(out / "runs")
     commands = (out / "commands.txt").read_text() if (out / "commands.txt").exists() else ""
     text = "\n".join([
-        "# ricochet benchmark: loopback vs sockperf's server, and kernel vs AF_XDP in a veth lab",
+        "# ricochet kernel datapath on loopback vs sockperf's server",
         "",
         "Machine: " + machine() + ". Server pinned to the last CPU, client to CPU 0.",
         "",
@@ -206,12 +157,6 @@ def main():
         "",
         throughput_table(runs),
         "",
-        "## veth lab: kernel vs AF_XDP vs XDP (UDP counter ping-pong, sockperf ping-pong, closed-loop throughput, CPU per request)",
-        "",
-        "Two namespaces joined by a one-queue veth pair (the client side runs an XDP_PASS program so XDP_TX replies arrive); responder on the last CPU, client on CPU 0. Ratios are against kernel spin and kernel block with the same client in the same run. Machine CPU per request is the whole machine's busy time (wall time x CPUs - idle time from /proc/stat) during an open-loop run at a fixed rate, divided by the replies; it includes the client, the same in every mode.",
-        "",
-        lab_section(runs),
-        "",
         "## Memory of idle connections",
         "",
         idle_section(runs),
@@ -223,7 +168,7 @@ def main():
         "```",
         "",
     ])
-    (out / "results.md").write_text(text)
+    (out / "loopback.md").write_text(text)
     print(text)
 
 
