@@ -24,15 +24,10 @@ done
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-[ "$(id -u)" = 0 ] || { echo "bench/http.sh: needs root (nginx, CPU pinning): run 'sudo bench/http.sh'" >&2; exit 1; }
-missing=()
-command -v wrk >/dev/null || missing+=(wrk)
-command -v nginx >/dev/null || missing+=(nginx-light)
-command -v python3 >/dev/null || missing+=(python3)
-if [ ${#missing[@]} -gt 0 ]; then
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+. "$ROOT/bench/lib.sh"
+require_root bench/http.sh
+install_missing wrk:wrk nginx:nginx-light python3:python3 clang:clang /usr/include/bpf/bpf_helpers.h:libbpf-dev
+require_cargo bench/http.sh
 cargo build --release --quiet -p ricochet
 RICOCHET="$ROOT/target/release/ricochet"
 OUT="${OUT:-$ROOT/bench/results/$(date -u +%F)}"

@@ -30,25 +30,10 @@ done
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-if [ "$(id -u)" != 0 ]; then
-    echo "bench/latency.sh: needs root (network namespaces, XDP, CPU pinning): run 'sudo bench/latency.sh'" >&2
-    exit 1
-fi
-missing=()
-for pair in sockperf:sockperf taskset:util-linux ip:iproute2 clang:clang /usr/include/bpf/bpf_helpers.h:libbpf-dev ethtool:ethtool; do
-    tool="${pair%%:*}"
-    if [ "${tool#/}" != "$tool" ]; then [ -e "$tool" ] || missing+=("${pair#*:}"); continue; fi
-    command -v "$tool" >/dev/null 2>&1 || missing+=("${pair#*:}")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "== installing ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-if ! command -v cargo >/dev/null 2>&1; then
-    echo "bench/latency.sh: cargo is not on root's PATH: run 'sudo env PATH=\"\$PATH\" bench/latency.sh'" >&2
-    exit 1
-fi
+. "$ROOT/bench/lib.sh"
+require_root bench/latency.sh
+install_missing sockperf:sockperf taskset:util-linux ip:iproute2 clang:clang /usr/include/bpf/bpf_helpers.h:libbpf-dev ethtool:ethtool
+require_cargo bench/latency.sh
 
 echo "== building ricochet (release)"
 cargo build --release --quiet -p ricochet

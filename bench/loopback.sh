@@ -40,27 +40,10 @@ done
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-if [ "$(id -u)" != 0 ]; then
-    echo "bench/loopback.sh: needs root (CPU pinning, fd limits, package installs): run 'sudo bench/loopback.sh'" >&2
-    exit 1
-fi
-
-# Tools: install what is missing.
-missing=()
-for pair in sockperf:sockperf python3:python3 taskset:util-linux ss:iproute2 clang:clang /usr/include/bpf/bpf_helpers.h:libbpf-dev; do
-    tool="${pair%%:*}"
-    if [ "${tool#/}" != "$tool" ]; then [ -e "$tool" ] || missing+=("${pair#*:}"); continue; fi
-    command -v "$tool" >/dev/null 2>&1 || missing+=("${pair#*:}")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "== installing ${missing[*]}"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
-if ! command -v cargo >/dev/null 2>&1; then
-    echo "bench/loopback.sh: cargo is not on root's PATH: run 'sudo env PATH=\"\$PATH\" bench/loopback.sh'" >&2
-    exit 1
-fi
+. "$ROOT/bench/lib.sh"
+require_root bench/loopback.sh
+install_missing sockperf:sockperf python3:python3 taskset:util-linux ss:iproute2 clang:clang /usr/include/bpf/bpf_helpers.h:libbpf-dev
+require_cargo bench/loopback.sh
 
 echo "== building ricochet (release)"
 cargo build --release --quiet -p ricochet

@@ -454,7 +454,10 @@ impl HttpWorker {
             let input = &conn.inbuf[consumed..];
             let head_len = match parsed.parse(input) {
                 Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
-                Ok(httparse::Status::Complete(_)) => {
+                // The rest of the head is still on its way.
+                Ok(httparse::Status::Partial) if input.len() <= MAX_HEAD => break,
+                // Complete but too long, or already past the limit without ending.
+                Ok(_) => {
                     reject(
                         conn,
                         431,
@@ -462,18 +465,6 @@ impl HttpWorker {
                         date,
                         &self.state,
                     );
-                    break;
-                }
-                Ok(httparse::Status::Partial) => {
-                    if input.len() > MAX_HEAD {
-                        reject(
-                            conn,
-                            431,
-                            "the request line and headers exceed 8 KiB",
-                            date,
-                            &self.state,
-                        );
-                    }
                     break;
                 }
                 Err(httparse::Error::TooManyHeaders) => {

@@ -494,3 +494,47 @@ pub fn invalid_requests_are_never_answered(lab: &LabNet) {
     });
     handle.join().unwrap();
 }
+
+/// What both bypass modes must do in the lab while attached: exact counting over many flows and the
+/// kernel path at once, invalid requests never answered, 20,000 verified bench requests (increment 3),
+/// TCP and ping still working. Returns the counter the server must end with.
+pub fn bypass_serves_the_lab(lab: &LabNet) -> u64 {
+    let sum = exactness_in_lab(lab);
+    invalid_requests_are_never_answered(lab);
+    let spec = format!("udp://{LAB_SERVER}:{COUNTER_PORT}");
+    let r = bench_json_in(
+        lab,
+        &[
+            &spec,
+            "-c",
+            "32",
+            "-d",
+            "4",
+            "--requests",
+            "20000",
+            "--increment",
+            "3",
+            "--timeout",
+            "2s",
+        ],
+    );
+    assert_eq!(
+        (
+            r["sent"].as_u64(),
+            r["received"].as_u64(),
+            r["lost"].as_u64()
+        ),
+        (Some(20000), Some(20000), Some(0))
+    );
+    assert_eq!(r["duplicate_values"], 0);
+    assert_eq!(r["non_increasing"], 0);
+    // Host traffic keeps flowing while attached: TCP (kernel path) and ICMP.
+    let tcp = format!("tcp://{LAB_SERVER}:{COUNTER_PORT}");
+    let t = bench_json_in(lab, &[&tcp, "--requests", "100"]);
+    assert_eq!(t["received"], 100);
+    if require_tool("ping", "iputils-ping") {
+        let (ok, out) = lab.client_cmd("ping", &["-c", "2", "-W", "2", LAB_SERVER]);
+        assert!(ok, "ping to the responder failed while attached: {out}");
+    }
+    sum + 3 * 20000 + 100
+}
