@@ -171,6 +171,18 @@ impl<'s> Batch<'s> {
         }
     }
 
+    /// Counts a request that failed before the core could see its payload (a datagram the kernel
+    /// cut, a frame that is not a datagram for a listener, a descriptor outside the UMEM): one request
+    /// of `len` bytes, dropped for `reason`, never answered. Every datapath counts such rejections here,
+    /// so a request ends in exactly one counted outcome.
+    #[inline]
+    pub fn reject(&mut self, reason: DropReason, len: usize) -> Ticket {
+        self.stats.requests.add(1);
+        self.stats.rx_bytes.add(len as u64);
+        self.stats.count_drop(reason);
+        Ticket::Drop(reason)
+    }
+
     /// Adds an already verified request to the batch (stream decoders verify while framing).
     #[inline]
     pub fn admit_classified(&mut self, classified: Classified) -> Ticket {

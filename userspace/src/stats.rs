@@ -19,16 +19,25 @@ pub enum DropReason {
     Truncated,
     /// The first fragment of a fragmented datagram (dropped in XDP).
     Fragment,
+    /// A UDP datagram from source port 0: no reply can be addressed to it (sendto refuses port 0).
+    ZeroSourcePort,
+    /// A frame on an AF_XDP ring that is not one whole Ethernet/IP/UDP datagram for a listener.
+    Malformed,
+    /// An AF_XDP RX descriptor whose bytes lie outside the UMEM.
+    BadDescriptor,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::WrongLength,
         DropReason::BadHash,
         DropReason::TooShort,
         DropReason::Oversize,
         DropReason::Truncated,
         DropReason::Fragment,
+        DropReason::ZeroSourcePort,
+        DropReason::Malformed,
+        DropReason::BadDescriptor,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -45,6 +54,9 @@ impl DropReason {
             DropReason::Oversize => "oversize",
             DropReason::Truncated => "truncated",
             DropReason::Fragment => "fragment",
+            DropReason::ZeroSourcePort => "zero_source_port",
+            DropReason::Malformed => "malformed",
+            DropReason::BadDescriptor => "bad_descriptor",
         }
     }
 }
@@ -95,6 +107,8 @@ pub struct WorkerStats {
     pub conns_closed: Tally,
     /// Stream connections closed because of an invalid frame.
     pub conns_rejected: Tally,
+    /// Connections accepted and closed at once because the process was out of file descriptors.
+    pub conns_refused: Tally,
 }
 
 impl WorkerStats {
@@ -122,6 +136,7 @@ impl WorkerStats {
             conns_opened: self.conns_opened.get(),
             conns_closed: self.conns_closed.get(),
             conns_rejected: self.conns_rejected.get(),
+            conns_refused: self.conns_refused.get(),
         }
     }
 }
@@ -138,9 +153,70 @@ pub struct StatsSnapshot {
     pub conns_opened: u64,
     pub conns_closed: u64,
     pub conns_rejected: u64,
+    pub conns_refused: u64,
+}
+
+/// Whether a statistic is a monotonic counter or an instantaneous value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldKind {
+    Counter,
+    Gauge,
+}
+
+/// One statistic of a record, described once: its name (in the exit report, `/metrics` and
+/// `/stats`), its help text, its kind and its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Field {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: FieldKind,
+    pub value: u64,
+}
+
+impl Field {
+    const fn counter(name: &'static str, help: &'static str, value: u64) -> Field {
+        Field {
+            name,
+            help,
+            kind: FieldKind::Counter,
+            value,
+        }
+    }
 }
 
 impl StatsSnapshot {
+    /// Every statistic of the record except the drops (see [`StatsSnapshot::drops`]), in report
+    /// order. The exit report, `/metrics` and `/stats` all render from this list.
+    pub fn fields(&self) -> [Field; 9] {
+        [
+            Field::counter("requests", "Requests received", self.requests),
+            Field::counter("replies", "Replies sent", self.replies),
+            Field::counter("rx_bytes", "Request payload bytes received", self.rx_bytes),
+            Field::counter("tx_bytes", "Reply payload bytes sent", self.tx_bytes),
+            Field::counter("tx_errors", "Replies the kernel refused", self.tx_errors),
+            Field::counter(
+                "conns_opened",
+                "Stream connections accepted",
+                self.conns_opened,
+            ),
+            Field::counter(
+                "conns_closed",
+                "Stream connections closed",
+                self.conns_closed,
+            ),
+            Field::counter(
+                "conns_rejected",
+                "Stream connections closed after an invalid frame",
+                self.conns_rejected,
+            ),
+            Field::counter(
+                "conns_refused",
+                "Connections refused because the process was out of file descriptors",
+                self.conns_refused,
+            ),
+        ]
+    }
+
     pub fn drops(&self, reason: DropReason) -> u64 {
         self.drops[reason.index()]
     }
@@ -161,6 +237,7 @@ impl StatsSnapshot {
         self.conns_opened += other.conns_opened;
         self.conns_closed += other.conns_closed;
         self.conns_rejected += other.conns_rejected;
+        self.conns_refused += other.conns_refused;
     }
 }
 
@@ -178,18 +255,10 @@ impl StatsSnapshot {
 
 impl fmt::Display for StatsSnapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "requests={} replies={} rx_bytes={} tx_bytes={} tx_errors={} conns_opened={} conns_closed={} conns_rejected={}",
-            self.requests,
-            self.replies,
-            self.rx_bytes,
-            self.tx_bytes,
-            self.tx_errors,
-            self.conns_opened,
-            self.conns_closed,
-            self.conns_rejected
-        )?;
+        for (i, field) in self.fields().iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{}={}", field.name, field.value)?;
+        }
         for reason in DropReason::ALL {
             write!(f, " drop_{}={}", reason, self.drops(reason))?;
         }

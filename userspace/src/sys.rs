@@ -107,6 +107,30 @@ impl MmsgBatch {
         Ok(n)
     }
 
+    /// The source port of slot `i` of the last receive (None for a slot that holds no inet address).
+    pub fn source_port(&self, i: usize) -> Option<u16> {
+        let addr = self.addrs.get(i)?;
+        let port_be = match i32::from(addr.ss_family) {
+            libc::AF_INET => {
+                // SAFETY: the kernel wrote a sockaddr_in (family AF_INET) into this sockaddr_storage,
+                // which is larger and suitably aligned for it.
+                let v4 = unsafe {
+                    &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+                };
+                v4.sin_port
+            }
+            libc::AF_INET6 => {
+                // SAFETY: as above, for sockaddr_in6 (family AF_INET6).
+                let v6 = unsafe {
+                    &*(addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+                };
+                v6.sin6_port
+            }
+            _ => return None,
+        };
+        Some(u16::from_be(port_be))
+    }
+
     /// Slot `i` of the last receive: its bytes (mutable, replies are written in place) and whether the
     /// kernel cut the datagram because it was longer than a slot.
     pub fn datagram(&mut self, i: usize) -> (&mut [u8], bool) {
@@ -117,15 +141,25 @@ impl MmsgBatch {
 
     /// Sends replies in place: `replies` lists (slot, reply length) pairs; each goes back to the
     /// address slot `slot` came from. Retries short batches; a reply the kernel refuses with an error
-    /// other than would-block is skipped. Returns (sent, sent bytes, refused).
+    /// other than would-block is skipped. An entry naming a slot beyond `slots()` or a length beyond
+    /// the slot size is never handed to the kernel: it counts as refused. Returns (sent, sent bytes,
+    /// refused).
     pub fn send(&mut self, fd: RawFd, replies: &[(u16, u16)]) -> (usize, usize, usize) {
-        let n = replies.len().min(self.slots());
         let data = self.data.as_mut_ptr();
-        for (k, &(slot, len)) in replies[..n].iter().enumerate() {
-            let slot = slot as usize;
-            // SAFETY: slot < slots (it came from a receive), so the offset is inside data.
+        let mut n = 0;
+        let mut invalid = 0;
+        for &(slot, len) in replies {
+            let (slot, len) = (slot as usize, len as usize);
+            if slot >= self.slots() || len > self.slot_size || n == self.slots() {
+                invalid += 1;
+                continue;
+            }
+            let k = n;
+            n += 1;
+            // SAFETY: slot < slots was checked above, so slot * slot_size + len <= slots * slot_size,
+            // the length of data: the iovec lies inside the buffer.
             self.send_iov[k].iov_base = unsafe { data.add(slot * self.slot_size) }.cast();
-            self.send_iov[k].iov_len = len as usize;
+            self.send_iov[k].iov_len = len;
             let hdr = &mut self.send_hdrs[k].msg_hdr;
             hdr.msg_name = (&mut self.addrs[slot] as *mut libc::sockaddr_storage).cast();
             hdr.msg_namelen = self.recv_hdrs[slot].msg_hdr.msg_namelen;
@@ -135,7 +169,7 @@ impl MmsgBatch {
             hdr.msg_controllen = 0;
             hdr.msg_flags = 0;
         }
-        let (mut sent, mut bytes, mut refused) = (0usize, 0usize, 0usize);
+        let (mut sent, mut bytes, mut refused) = (0usize, 0usize, invalid);
         let mut start = 0;
         let mut would_block_rounds = 0;
         while start < n {

@@ -51,6 +51,12 @@ impl UdpFrame {
         })
     }
 
+    /// The source port of the located datagram.
+    pub fn source_port(&self, frame: &[u8]) -> Option<u16> {
+        let u = self.udp_offset;
+        Some(u16::from_be_bytes([*frame.get(u)?, *frame.get(u + 1)?]))
+    }
+
     /// The destination address and port of the located datagram.
     pub fn destination(&self, frame: &[u8]) -> Option<(std::net::IpAddr, u16)> {
         let ip = self.ip_offset;

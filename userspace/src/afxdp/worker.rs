@@ -283,24 +283,7 @@ pub fn run(
         tickets.clear();
         located.clear();
         for desc in &descs {
-            let (ticket, loc) = match rings.area.bytes_mut(desc.addr, desc.len) {
-                Some(frame) => match UdpFrame::locate(frame) {
-                    Some(loc) => {
-                        let payload =
-                            &frame[loc.payload_offset..loc.payload_offset + loc.payload_len];
-                        let protocol = protocols.lookup(frame, &loc);
-                        (core_batch.admit(protocol, payload), Some(loc))
-                    }
-                    None => {
-                        // The XDP program steers only UDP for our listeners; anything else here is
-                        // a frame we cannot answer.
-                        stats.requests.add(1);
-                        stats.count_drop(DropReason::WrongLength);
-                        (Ticket::Drop(DropReason::WrongLength), None)
-                    }
-                },
-                None => (Ticket::Drop(DropReason::Oversize), None),
-            };
+            let (ticket, loc) = admit_frame(&mut core_batch, &mut rings.area, desc, &protocols);
             tickets.push(ticket);
             located.push(loc);
         }
@@ -353,6 +336,35 @@ pub fn run(
         tx_invalid_descs: xdp.tx_invalid_descs,
         tx_ring_empty_descs: xdp.tx_ring_empty_descs,
     })
+}
+
+/// Takes one RX descriptor to exactly one counted outcome: admitted to the core (answered or dropped
+/// by it), or rejected before it for a reason of its own.
+fn admit_frame(
+    batch: &mut Batch,
+    area: &mut UmemArea,
+    desc: &XdpDesc,
+    protocols: &ListenerProtocols,
+) -> (Ticket, Option<UdpFrame>) {
+    let Some(frame) = area.bytes_mut(desc.addr, desc.len) else {
+        return (
+            batch.reject(DropReason::BadDescriptor, desc.len as usize),
+            None,
+        );
+    };
+    // The XDP program steers only whole UDP datagrams for listeners: anything else is malformed.
+    let Some(loc) = UdpFrame::locate(frame) else {
+        return (batch.reject(DropReason::Malformed, frame.len()), None);
+    };
+    let payload = &frame[loc.payload_offset..loc.payload_offset + loc.payload_len];
+    if loc.source_port(frame) == Some(0) {
+        return (
+            batch.reject(DropReason::ZeroSourcePort, payload.len()),
+            None,
+        );
+    }
+    let protocol = protocols.lookup(frame, &loc);
+    (batch.admit(protocol, payload), Some(loc))
 }
 
 fn publish(live: &crate::http::XskLive, x: &xdpilone::xdp::XdpStatisticsV2) {

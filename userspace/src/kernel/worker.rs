@@ -241,12 +241,13 @@ impl Worker {
             let mut batch = Batch::new(&self.stats);
             self.tickets.clear();
             for i in 0..n {
+                // No reply can be addressed to port 0 (sendto refuses it): count, never answer.
+                let zero_port = self.mmsg.source_port(i) == Some(0);
                 let (request, truncated) = self.mmsg.datagram(i);
-                let ticket = if truncated {
-                    self.stats.requests.add(1);
-                    self.stats.rx_bytes.add(request.len() as u64);
-                    self.stats.count_drop(DropReason::Oversize);
-                    Ticket::Drop(DropReason::Oversize)
+                let ticket = if zero_port {
+                    batch.reject(DropReason::ZeroSourcePort, request.len())
+                } else if truncated {
+                    batch.reject(DropReason::Oversize, request.len())
                 } else {
                     batch.admit(protocol, request)
                 };
