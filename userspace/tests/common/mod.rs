@@ -199,19 +199,35 @@ pub fn have(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Skips (with a printed reason) when a tool is missing, unless the run requires every tool
-/// (`cargo xtask test` and CI set RICOCHET_REQUIRE_TOOLS=1), where a missing tool fails the test.
-pub fn require_tool(tool: &str, package: &str) -> bool {
-    if have(tool) {
-        return true;
+/// Whether a skipped test must fail instead: under `cargo xtask test` (RICOCHET_REQUIRE_TOOLS=1) and
+/// in CI (CI=true) every test must really run.
+pub fn skips_fail() -> bool {
+    std::env::var_os("RICOCHET_REQUIRE_TOOLS").is_some()
+        || std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// Skips a test with a printed reason, or fails it when skips must fail (see [`skips_fail`]).
+/// Returns false so callers can write `if !cond { return skip(..) }`.
+pub fn skip(reason: &str) -> bool {
+    if skips_fail() {
+        panic!("cannot run this test: {reason} (RICOCHET_REQUIRE_TOOLS or CI is set, so a skip fails)");
     }
-    if std::env::var_os("RICOCHET_REQUIRE_TOOLS").is_some() {
-        panic!("{tool} is required (RICOCHET_REQUIRE_TOOLS is set): apt-get install {package}");
-    }
-    eprintln!(
-        "SKIP: {tool} not installed (apt-get install {package}; cargo xtask test installs it)"
-    );
+    eprintln!("SKIP: {reason}");
     false
+}
+
+/// True when the test runs as root; otherwise skips (or fails under CI, see [`skip`]).
+pub fn require_root(what: &str) -> bool {
+    is_root() || skip(&format!("{what} needs root"))
+}
+
+/// Skips (with a printed reason) when a tool is missing, unless the run requires every tool
+/// (`cargo xtask test` and CI), where a missing tool fails the test.
+pub fn require_tool(tool: &str, package: &str) -> bool {
+    have(tool)
+        || skip(&format!(
+            "{tool} not installed (apt-get install {package}; cargo xtask test installs it)"
+        ))
 }
 
 pub const TIMEOUT: Duration = Duration::from_secs(5);
@@ -295,8 +311,7 @@ fn ip(args: &[&str]) {
 impl LabNet {
     /// None (with a printed reason) when not root.
     pub fn create(tag: &str, queues: u32) -> Option<LabNet> {
-        if !is_root() {
-            eprintln!("SKIP: network namespaces and XDP need root");
+        if !require_root("a lab with network namespaces and XDP") {
             return None;
         }
         let id = std::process::id() % 100_000;
