@@ -266,6 +266,63 @@ impl fmt::Display for StatsSnapshot {
     }
 }
 
+/// XDP_STATISTICS of one AF_XDP socket as its worker last published them, and when. The worker
+/// publishes on a wall-clock deadline (see `afxdp::worker::PUBLISH_INTERVAL`), whatever its poll mode.
+#[derive(Debug)]
+pub struct XskLive {
+    pub rx_dropped: AtomicU64,
+    pub rx_ring_full: AtomicU64,
+    pub fill_ring_empty_descs: AtomicU64,
+    pub tx_invalid_descs: AtomicU64,
+    pub tx_ring_empty_descs: AtomicU64,
+    /// Nanoseconds from `created` to the last publication; u64::MAX before the first.
+    published_ns: AtomicU64,
+    created: std::time::Instant,
+}
+
+impl Default for XskLive {
+    fn default() -> XskLive {
+        XskLive {
+            rx_dropped: AtomicU64::new(0),
+            rx_ring_full: AtomicU64::new(0),
+            fill_ring_empty_descs: AtomicU64::new(0),
+            tx_invalid_descs: AtomicU64::new(0),
+            tx_ring_empty_descs: AtomicU64::new(0),
+            published_ns: AtomicU64::new(u64::MAX),
+            created: std::time::Instant::now(),
+        }
+    }
+}
+
+impl XskLive {
+    pub fn fields(&self) -> [(&'static str, u64); 5] {
+        let get = |cell: &AtomicU64| cell.load(Ordering::Relaxed);
+        [
+            ("rx_dropped", get(&self.rx_dropped)),
+            ("rx_ring_full", get(&self.rx_ring_full)),
+            ("fill_ring_empty_descs", get(&self.fill_ring_empty_descs)),
+            ("tx_invalid_descs", get(&self.tx_invalid_descs)),
+            ("tx_ring_empty_descs", get(&self.tx_ring_empty_descs)),
+        ]
+    }
+
+    /// Records that the values were just refreshed.
+    pub fn mark_published(&self) {
+        let ns = self.created.elapsed().as_nanos().min(u128::from(u64::MAX - 1)) as u64;
+        self.published_ns.store(ns, Ordering::Release);
+    }
+
+    /// How old the published values are; None before the first publication.
+    pub fn age(&self) -> Option<std::time::Duration> {
+        let ns = self.published_ns.load(Ordering::Acquire);
+        (ns != u64::MAX).then(|| {
+            self.created
+                .elapsed()
+                .saturating_sub(std::time::Duration::from_nanos(ns))
+        })
+    }
+}
+
 #[cfg(test)]
 mod test {
     use super::*;

@@ -1,7 +1,7 @@
 //! What the HTTP endpoints read: the datapaths' per-worker records, the global counter, readiness,
 //! and the HTTP server's own metrics. Everything here is read without locks on the packet path.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -14,36 +14,7 @@ use crate::core::Counter;
 use crate::spec::CpuId;
 use crate::stats::WorkerStats;
 
-/// XDP_STATISTICS of one AF_XDP socket, published by its worker about once a second.
-#[derive(Debug, Default)]
-pub struct XskLive {
-    pub rx_dropped: AtomicU64,
-    pub rx_ring_full: AtomicU64,
-    pub fill_ring_empty_descs: AtomicU64,
-    pub tx_invalid_descs: AtomicU64,
-    pub tx_ring_empty_descs: AtomicU64,
-}
-
-impl XskLive {
-    pub fn fields(&self) -> [(&'static str, u64); 5] {
-        [
-            ("rx_dropped", self.rx_dropped.load(Ordering::Relaxed)),
-            ("rx_ring_full", self.rx_ring_full.load(Ordering::Relaxed)),
-            (
-                "fill_ring_empty_descs",
-                self.fill_ring_empty_descs.load(Ordering::Relaxed),
-            ),
-            (
-                "tx_invalid_descs",
-                self.tx_invalid_descs.load(Ordering::Relaxed),
-            ),
-            (
-                "tx_ring_empty_descs",
-                self.tx_ring_empty_descs.load(Ordering::Relaxed),
-            ),
-        ]
-    }
-}
+pub use crate::stats::XskLive;
 
 /// One packet worker as the endpoints see it.
 pub struct WorkerView {
