@@ -241,6 +241,51 @@ fn poll_name(poll: PollMode) -> &'static str {
     }
 }
 
+/// Where each kind of worker runs and which ones run under SCHED_FIFO.
+///
+/// `--cpus` names the datapath's CPUs. In afxdp mode the AF_XDP workers spin there, so the kernel
+/// fallback workers go to the housekeeping CPUs (those the process may use that are not in `--cpus`)
+/// when there are any: a fallback worker never competes with a spinning worker for its core.
+/// `--sched-fifo` applies to the datapath workers: the kernel workers in kernel and xdp mode (in xdp
+/// mode they are the only packet workers in userspace), the AF_XDP workers in afxdp mode, never the
+/// fallback, which could otherwise preempt an AF_XDP worker on its core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Placement {
+    kernel_cpus: Vec<CpuId>,
+    kernel_scheduling: Scheduling,
+    afxdp_fifo: Option<i32>,
+    /// Allowed CPUs not in `--cpus`: the HTTP threads (and the afxdp fallback) run there.
+    housekeeping: Vec<CpuId>,
+}
+
+impl Placement {
+    fn new(mode: Mode, cpus: &[CpuId], fifo: Option<i32>) -> Result<Placement> {
+        let allowed = sys::allowed_cpus().context("cannot read this process's CPU affinity")?;
+        Ok(Placement::plan(mode, cpus, &allowed, fifo))
+    }
+
+    fn plan(mode: Mode, cpus: &[CpuId], allowed: &[CpuId], fifo: Option<i32>) -> Placement {
+        let housekeeping: Vec<CpuId> = allowed
+            .iter()
+            .copied()
+            .filter(|c| !cpus.contains(c))
+            .collect();
+        let afxdp = mode == Mode::Afxdp;
+        Placement {
+            kernel_cpus: if afxdp && !housekeeping.is_empty() {
+                housekeeping.clone()
+            } else {
+                cpus.to_vec()
+            },
+            kernel_scheduling: Scheduling {
+                fifo_priority: if afxdp { None } else { fifo },
+            },
+            afxdp_fifo: if afxdp { fifo } else { None },
+            housekeeping,
+        }
+    }
+}
+
 /// Fills what the command line left out from the profile.
 fn apply_profile(mut args: ServeArgs) -> Result<ServeArgs> {
     let Some(path) = args.profile.clone() else {
@@ -358,14 +403,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         None => Arc::new(LocalCounter::new(0)),
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let scheduling = Scheduling {
-        fifo_priority: args.sched_fifo,
-    };
+    let placement = Placement::new(args.mode, &cpus, args.sched_fifo)?;
     let (workers, bound) = kernel::start(
         &args.listen,
-        &cpus,
+        &placement.kernel_cpus,
         config,
-        scheduling,
+        placement.kernel_scheduling,
         counter.clone(),
         stop.clone(),
     )?;
@@ -393,6 +436,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 busy_poll_budget: args.busy_poll_budget,
                 poll,
                 batch: args.batch as u32,
+                fifo_priority: placement.afxdp_fifo,
             };
             match afxdp::start(
                 &params,
@@ -504,11 +548,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let http = match http_listen {
         None => None,
         Some(listen) => {
-            let housekeeping: Vec<CpuId> = sys::allowed_cpus()
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|c| !cpus.contains(c))
-                .collect();
+            let housekeeping = placement.housekeeping.clone();
             let n_workers =
                 args.http_workers
                     .map(usize::from)
@@ -565,13 +605,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 .collect();
             writeln!(
                 out,
-                "ready mode=afxdp iface={} xdp={} zero_copy={} queues={} poll={} kernel_workers={} kernel_poll=block",
+                "ready mode=afxdp iface={} xdp={} zero_copy={} queues={} poll={} kernel_workers={} kernel_cpus={} kernel_poll=block",
                 args.iface.as_deref().unwrap_or_default(),
                 dp.attached,
                 if dp.zero_copy { "on" } else { "off" },
                 queues.join(","),
                 poll_name(poll),
-                workers.len()
+                workers.len(),
+                CpuList(placement.kernel_cpus.clone()),
             )?
         }
         Bypass::Xdp(_, attached) => writeln!(
@@ -696,4 +737,36 @@ pub fn run(args: ServeArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    fn cpus(list: &[usize]) -> Vec<CpuId> {
+        list.iter().copied().map(CpuId).collect()
+    }
+
+    #[test]
+    fn afxdp_fallback_goes_to_housekeeping_cpus_and_fifo_to_the_afxdp_workers() {
+        let p = Placement::plan(Mode::Afxdp, &cpus(&[1]), &cpus(&[0, 1]), Some(10));
+        assert_eq!(p.kernel_cpus, cpus(&[0]));
+        assert_eq!(p.housekeeping, cpus(&[0]));
+        assert_eq!(p.kernel_scheduling.fifo_priority, None);
+        assert_eq!(p.afxdp_fifo, Some(10));
+        // No housekeeping CPU left: the fallback shares the datapath CPUs, still without FIFO.
+        let p = Placement::plan(Mode::Afxdp, &cpus(&[0, 1]), &cpus(&[0, 1]), Some(10));
+        assert_eq!(p.kernel_cpus, cpus(&[0, 1]));
+        assert_eq!(p.kernel_scheduling.fifo_priority, None);
+    }
+
+    #[test]
+    fn kernel_and_xdp_workers_stay_on_their_cpus_with_fifo() {
+        for mode in [Mode::Kernel, Mode::Xdp] {
+            let p = Placement::plan(mode, &cpus(&[1]), &cpus(&[0, 1]), Some(5));
+            assert_eq!(p.kernel_cpus, cpus(&[1]));
+            assert_eq!(p.kernel_scheduling.fifo_priority, Some(5));
+            assert_eq!(p.afxdp_fifo, None);
+        }
+    }
 }

@@ -26,7 +26,7 @@ pub struct AfXdpWorker {
     pub queue: u32,
     pub cpu: CpuId,
     pub stats: Arc<WorkerStats>,
-    pub xsk: Arc<crate::http::XskLive>,
+    pub xsk: Arc<crate::stats::XskLive>,
     pub handle: JoinHandle<Result<XskStats>>,
 }
 
@@ -85,6 +85,18 @@ pub fn check_listener_addresses(iface: &str, listeners: &[(SocketAddr, Protocol)
     Ok(())
 }
 
+/// Pins the calling AF_XDP worker to its CPU and, with `--sched-fifo`, switches it to SCHED_FIFO.
+fn place_thread(queue: u32, cpu: CpuId, fifo_priority: Option<i32>) -> Result<()> {
+    sys::pin_current_thread(cpu)
+        .with_context(|| format!("cannot pin the queue {queue} worker to CPU {cpu}"))?;
+    if let Some(priority) = fifo_priority {
+        sys::set_fifo_priority(priority).with_context(|| {
+            format!("cannot switch the queue {queue} worker to SCHED_FIFO priority {priority} (needs root or CAP_SYS_NICE)")
+        })?;
+    }
+    Ok(())
+}
+
 /// Loads and attaches the steering program, then starts one worker per queue, mapped to `cpus`
 /// queue by queue.
 #[allow(clippy::too_many_arguments)]
@@ -118,7 +130,7 @@ pub fn start(
     for (i, &queue) in queues.iter().enumerate() {
         let cpu = cpus[i % cpus.len()];
         let stats = Arc::new(WorkerStats::default());
-        let xsk = Arc::new(crate::http::XskLive::default());
+        let xsk = Arc::new(crate::stats::XskLive::default());
         let live = xsk.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         let (params, protocols, stats2, counter, stop) = (
@@ -131,8 +143,12 @@ pub fn start(
         let handle = std::thread::Builder::new()
             .name(format!("afxdp-q{queue}"))
             .spawn(move || -> Result<XskStats> {
-                sys::pin_current_thread(cpu)
-                    .with_context(|| format!("cannot pin the queue {queue} worker to CPU {cpu}"))?;
+                if let Err(e) = place_thread(queue, cpu, params.fifo_priority) {
+                    // Start-up waits for this message: say why instead of dying silently.
+                    let message = format!("{e:#}");
+                    let _ = tx.send(Err(e));
+                    return Err(anyhow!(message));
+                }
                 worker::run(params, queue, protocols, stats2, counter, stop, tx, live)
             })
             .context("cannot spawn an AF_XDP worker")?;

@@ -8,7 +8,7 @@ use std::ffi::CString;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use xdpilone::xdp::XdpDesc;
@@ -18,7 +18,7 @@ use super::frame::UdpFrame;
 use super::umem::UmemArea;
 use crate::core::{Batch, Counter, Protocol, Ticket};
 use crate::kernel::PollMode;
-use crate::stats::{DropReason, WorkerStats};
+use crate::stats::{DropReason, WorkerStats, XskLive};
 use crate::sys;
 
 /// Whether to ask the driver for zero-copy.
@@ -46,6 +46,8 @@ pub struct SocketParams {
     pub busy_poll_budget: Option<u32>,
     pub poll: PollMode,
     pub batch: u32,
+    /// SCHED_FIFO priority for the worker thread (`--sched-fifo`).
+    pub fifo_priority: Option<i32>,
 }
 
 /// XDP_STATISTICS of one socket.
@@ -192,7 +194,7 @@ pub fn run(
     counter: Arc<dyn Counter>,
     stop: Arc<AtomicBool>,
     started: std::sync::mpsc::Sender<Result<Started>>,
-    live: Arc<crate::http::XskLive>,
+    live: Arc<XskLive>,
 ) -> Result<XskStats> {
     let mut rings = match open_with_fallback(&params, queue) {
         Ok(r) => r,
@@ -226,14 +228,11 @@ pub fn run(
     // Reply payload bytes per queued reply, so tx_bytes counts payloads as rx_bytes does.
     let mut reply_payloads: Vec<u16> = Vec::with_capacity(batch as usize);
     let spin = params.poll == PollMode::Spin;
-    let mut turns: u32 = 0;
-    let mut last_publish = std::time::Instant::now();
+    let mut publish_due = Every::new(PUBLISH_INTERVAL);
 
     while !stop.load(Ordering::Relaxed) {
-        // About once a second, publish XDP_STATISTICS for the HTTP endpoints (one getsockopt).
-        turns = turns.wrapping_add(1);
-        if turns.is_multiple_of(4096) && last_publish.elapsed() >= Duration::from_secs(1) {
-            last_publish = std::time::Instant::now();
+        // On a wall-clock deadline, whatever the poll mode: XDP_STATISTICS for the endpoints.
+        if publish_due.check(Instant::now()) {
             if let Ok(x) = rings.user.statistics_v2() {
                 publish(&live, &x);
             }
@@ -367,13 +366,45 @@ fn admit_frame(
     (batch.admit(protocol, payload), Some(loc))
 }
 
-fn publish(live: &crate::http::XskLive, x: &xdpilone::xdp::XdpStatisticsV2) {
+fn publish(live: &XskLive, x: &xdpilone::xdp::XdpStatisticsV2) {
     let set = |cell: &std::sync::atomic::AtomicU64, v: u64| cell.store(v, Ordering::Relaxed);
     set(&live.rx_dropped, x.rx_dropped);
     set(&live.rx_ring_full, x.rx_ring_full);
     set(&live.fill_ring_empty_descs, x.rx_fill_ring_empty_descs);
     set(&live.tx_invalid_descs, x.tx_invalid_descs);
     set(&live.tx_ring_empty_descs, x.tx_ring_empty_descs);
+    live.mark_published();
+}
+
+/// How often a worker refreshes its XDP_STATISTICS for the endpoints. Each refresh is one
+/// getsockopt, so 10 per second cost nothing measurable, and `/metrics` is never more than this plus
+/// one poll interval (`POLL_INTERVAL`, for a blocking worker) out of date.
+pub const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
+
+/// A wall-clock deadline that recurs every `interval`: `check` is true once per interval.
+#[derive(Debug, Clone, Copy)]
+pub struct Every {
+    interval: Duration,
+    next: Option<Instant>,
+}
+
+impl Every {
+    /// Due at the first check, then every `interval`.
+    pub const fn new(interval: Duration) -> Every {
+        Every {
+            interval,
+            next: None,
+        }
+    }
+
+    /// True when the deadline has passed (and arms the next one).
+    pub fn check(&mut self, now: Instant) -> bool {
+        if self.next.is_some_and(|next| now < next) {
+            return false;
+        }
+        self.next = Some(now + self.interval);
+        true
+    }
 }
 
 /// Copy-mode sockets transmit at most this many descriptors per kick (the kernel's TX_BATCH_SIZE).
@@ -459,3 +490,21 @@ impl ListenerProtocols {
 
 /// How long a blocking worker sleeps in poll() before looking at the stop flag.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn every_is_due_at_once_then_once_per_interval() {
+        let t0 = Instant::now();
+        let mut every = Every::new(Duration::from_millis(100));
+        assert!(every.check(t0));
+        assert!(!every.check(t0 + Duration::from_millis(99)));
+        assert!(every.check(t0 + Duration::from_millis(100)));
+        assert!(!every.check(t0 + Duration::from_millis(150)));
+        // A worker that slept through several intervals publishes once, then re-arms from now.
+        assert!(every.check(t0 + Duration::from_secs(5)));
+        assert!(!every.check(t0 + Duration::from_millis(5050)));
+    }
+}
