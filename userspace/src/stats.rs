@@ -308,7 +308,11 @@ impl XskLive {
 
     /// Records that the values were just refreshed.
     pub fn mark_published(&self) {
-        let ns = self.created.elapsed().as_nanos().min(u128::from(u64::MAX - 1)) as u64;
+        let ns = self
+            .created
+            .elapsed()
+            .as_nanos()
+            .min(u128::from(u64::MAX - 1)) as u64;
         self.published_ns.store(ns, Ordering::Release);
     }
 

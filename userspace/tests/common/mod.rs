@@ -210,7 +210,9 @@ pub fn skips_fail() -> bool {
 /// Returns false so callers can write `if !cond { return skip(..) }`.
 pub fn skip(reason: &str) -> bool {
     if skips_fail() {
-        panic!("cannot run this test: {reason} (RICOCHET_REQUIRE_TOOLS or CI is set, so a skip fails)");
+        panic!(
+            "cannot run this test: {reason} (RICOCHET_REQUIRE_TOOLS or CI is set, so a skip fails)"
+        );
     }
     eprintln!("SKIP: {reason}");
     false
