@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use nix::sys::signal::Signal;
 
 use crate::afxdp::{self, SocketParams, ZeroCopy};
 use crate::core::{Counter, LocalCounter, Protocol};
@@ -241,6 +242,34 @@ fn poll_name(poll: PollMode) -> &'static str {
     }
 }
 
+/// The SIGHUP report: the counter and every packet worker's totals so far, each line prefixed
+/// `status`. The packet path is not disturbed: the records are read without locks.
+fn print_status(counter: &dyn Counter, workers: &[kernel::KernelWorker], bypass: &Bypass) {
+    let mut total = StatsSnapshot::default();
+    let mut text = format!("status counter={}\n", counter.load());
+    for (index, worker) in workers.iter().enumerate() {
+        let snapshot = worker.stats.snapshot();
+        total.merge(&snapshot);
+        text.push_str(&format!(
+            "status worker {index} cpu={} {snapshot}\n",
+            worker.cpu
+        ));
+    }
+    if let Bypass::Afxdp(dp) = bypass {
+        for worker in &dp.workers {
+            let snapshot = worker.stats.snapshot();
+            total.merge(&snapshot);
+            text.push_str(&format!(
+                "status afxdp queue={} cpu={} {snapshot}\n",
+                worker.queue, worker.cpu
+            ));
+        }
+    }
+    text.push_str(&format!("status total {total}\n"));
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
 /// Where each kind of worker runs and which ones run under SCHED_FIFO.
 ///
 /// `--cpus` names the datapath's CPUs. In afxdp mode the AF_XDP workers spin there, so the kernel
@@ -330,6 +359,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         "off" => None,
         other => Some(other.parse::<HttpListen>().map_err(anyhow::Error::msg)?),
     };
+    if args.http_token.as_deref().is_some_and(str::is_empty) {
+        bail!("--http-token (or RICOCHET_HTTP_TOKEN) is empty: set a real secret, or leave it unset on a loopback --http");
+    }
     if let Some(listen) = &http_listen {
         if !listen.is_local() && args.http_token.is_none() {
             bail!("--http {} is reachable from other hosts: set a bearer token with --http-token or RICOCHET_HTTP_TOKEN (or listen on 127.0.0.1)", args.http);
@@ -372,7 +404,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
     // Raise the descriptor limit for many stream connections; keep going if the hard limit is low.
     let _ = sys::raise_fd_limit();
-    sys::block_stop_signals().context("cannot block SIGINT/SIGTERM")?;
+    sys::block_handled_signals().context("cannot block SIGINT, SIGTERM, SIGQUIT and SIGHUP")?;
 
     // afxdp workers spin by default; the kernel path blocks unless told otherwise (in afxdp mode it
     // is only the fallback, so it always blocks).
@@ -559,11 +591,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                     });
             let config = HttpConfig {
                 access: Access {
-                    token: if listen.is_local() {
-                        args.http_token.clone().filter(|t| !t.is_empty())
-                    } else {
-                        args.http_token.clone()
-                    },
+                    token: args.http_token.clone(),
                 },
                 listen,
                 rate_limit: args.http_rate_limit,
@@ -628,9 +656,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
 
     let mut failure = None;
     loop {
-        if let Some(signal) = sys::wait_for_stop_signal(Duration::from_millis(200)) {
-            tracing::info!("signal {signal} received, stopping");
-            break;
+        match sys::wait_for_signal(Duration::from_millis(200)) {
+            // SIGHUP: a status report on stdout; ricochet keeps serving (there is nothing to reload).
+            Some(Signal::SIGHUP) => print_status(&*counter, &workers, &bypass),
+            // SIGINT, SIGTERM, SIGQUIT: a graceful stop with the final report.
+            Some(signal) => {
+                tracing::info!("{signal} received, stopping");
+                break;
+            }
+            None => {}
         }
         let bypass_died = matches!(&bypass, Bypass::Afxdp(dp) if dp.workers.iter().any(|w| w.handle.is_finished()));
         let running = workers.iter().filter(|w| !w.handle.is_finished()).count()

@@ -260,30 +260,40 @@ fn wait_writable(fd: RawFd, timeout_ms: i32) {
     unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
 }
 
-/// Blocks SIGINT and SIGTERM in the calling thread and every thread it spawns afterwards, so they
-/// are taken only by [`wait_for_stop_signal`].
-pub fn block_stop_signals() -> io::Result<()> {
-    stop_signals().thread_block()?;
+/// Blocks the signals `serve` handles itself (SIGINT, SIGTERM, SIGQUIT, SIGHUP) in the calling thread
+/// and every thread it spawns afterwards, so they are taken only by [`wait_for_signal`] and none of
+/// them kills the process by default.
+pub fn block_handled_signals() -> io::Result<()> {
+    handled_signals().thread_block()?;
     Ok(())
 }
 
-fn stop_signals() -> nix::sys::signal::SigSet {
+fn handled_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::Signal;
     let mut set = nix::sys::signal::SigSet::empty();
-    set.add(nix::sys::signal::Signal::SIGINT);
-    set.add(nix::sys::signal::Signal::SIGTERM);
+    for signal in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGQUIT,
+        Signal::SIGHUP,
+    ] {
+        set.add(signal);
+    }
     set
 }
 
-/// Waits up to `timeout` for SIGINT or SIGTERM (blocked beforehand); returns the signal number.
-pub fn wait_for_stop_signal(timeout: std::time::Duration) -> Option<i32> {
-    let set = stop_signals();
+/// Waits up to `timeout` for one of the handled signals (blocked beforehand); returns it.
+pub fn wait_for_signal(timeout: std::time::Duration) -> Option<nix::sys::signal::Signal> {
+    let set = handled_signals();
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
     };
     // SAFETY: set is a valid sigset_t, the info pointer may be null, ts is a valid timespec.
     let r = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) };
-    (r > 0).then_some(r)
+    (r > 0)
+        .then(|| nix::sys::signal::Signal::try_from(r).ok())
+        .flatten()
 }
 
 /// The CPUs this process may run on.

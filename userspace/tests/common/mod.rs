@@ -93,6 +93,22 @@ impl Server {
         self.child.as_ref().unwrap().id() as i32
     }
 
+    /// Reads stdout lines until one starts with `prefix`; returns everything read, that line included.
+    pub fn read_until(&mut self, prefix: &str) -> String {
+        let stdout = self.stdout.as_mut().expect("running");
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            if stdout.read_line(&mut line).unwrap() == 0 {
+                panic!("ricochet's stdout ended before a line starting with {prefix:?}:\n{text}");
+            }
+            text.push_str(&line);
+            if line.starts_with(prefix) {
+                return text;
+            }
+        }
+    }
+
     /// Sends SIGTERM and returns (exit success, everything printed after start-up).
     pub fn terminate(self) -> (bool, String) {
         self.signal(nix::sys::signal::Signal::SIGTERM)
