@@ -34,13 +34,37 @@ proptest! {
     }
 
     #[test]
-    fn random_16_bytes_are_almost_never_valid(bytes in any::<[u8; 16]>()) {
-        // A random frame passes only if its hash happens to match (probability 2^-64).
+    fn any_single_bit_flip_of_a_valid_frame_is_rejected(value in any::<u64>(), bit in 0usize..128) {
+        // The hash covers the value: a changed value or a changed hash must never be taken for a
+        // request, and must leave the counter alone. (A flip in the value could in theory land on
+        // another value with the same hash: probability 2^-64 per case.)
+        let mut bytes = CounterRepr { value }.to_bytes();
+        bytes[bit / 8] ^= 1 << (bit % 8);
+        let stats = WorkerStats::default();
+        let counter = LocalCounter::new(0);
+        let mut batch = Batch::new(&stats);
+        let ticket = batch.admit(Protocol::Counter, &bytes);
+        batch.commit(&counter);
+        prop_assert_eq!(ticket, Ticket::Drop(DropReason::BadHash));
+        prop_assert_eq!(counter.load(), 0);
+        prop_assert_eq!(stats.drops(DropReason::BadHash), 1);
+    }
+
+    #[test]
+    fn admit_agrees_with_an_independent_check(bytes in any::<[u8; 16]>(), make_valid in any::<bool>()) {
+        // The reference: the value's decimal string from std's formatter, hashed with xxh64 seed 0.
+        let mut bytes = bytes;
+        let value = u64::from_be_bytes(bytes[..8].try_into().unwrap());
+        let reference = xxhash_rust::xxh64::xxh64(value.to_string().as_bytes(), 0);
+        if make_valid {
+            bytes[8..].copy_from_slice(&reference.to_be_bytes());
+        }
+        let valid = u64::from_be_bytes(bytes[8..].try_into().unwrap()) == reference;
         let stats = WorkerStats::default();
         let mut batch = Batch::new(&stats);
         let ticket = batch.admit(Protocol::Counter, &bytes);
-        let valid = CounterRepr::parse_bytes(&bytes).is_ok();
-        prop_assert_eq!(ticket == Ticket::Drop(DropReason::BadHash), !valid);
+        let expected = if valid { Ticket::Counter { prefix: value } } else { Ticket::Drop(DropReason::BadHash) };
+        prop_assert_eq!(ticket, expected);
     }
 
     #[test]
