@@ -87,6 +87,11 @@ fn afxdp_native_mode_end_to_end() {
         output.contains("drop_bad_hash=3"),
         "the three bad-hash frames reached userspace and were dropped:\n{output}"
     );
+    assert_eq!(
+        total_field(&output, "drop_zero_source_port"),
+        1,
+        "the datagram from port 0 was dropped and counted once:\n{output}"
+    );
     assert!(
         !lab.server_has_xdp(),
         "the XDP program must be gone after SIGTERM"
@@ -98,8 +103,26 @@ fn afxdp_generic_mode_and_sigkill_leave_nothing() {
     let Some(lab) = LabNet::create("g", 2) else {
         return;
     };
-    let server = start(&lab, "generic", &["--poll", "block"]);
+    let server = start(
+        &lab,
+        "generic",
+        &["--poll", "block", "--cpus", "1", "--sched-fifo", "10"],
+    );
     assert!(lab.server_has_xdp());
+    // The AF_XDP workers own --cpus and run under SCHED_FIFO; the kernel fallback runs on the
+    // housekeeping CPU (0) under the normal policy, so it can never preempt them.
+    for (name, cpus, policy) in [
+        ("afxdp-q0", "1", 1),
+        ("afxdp-q1", "1", 1),
+        ("kernel-0", "0", 0),
+    ] {
+        let (allowed, actual_policy) = thread_placement(server.pid(), name);
+        assert_eq!(
+            (allowed.as_str(), actual_policy),
+            (cpus, policy),
+            "thread {name}"
+        );
+    }
     let sum = exactness_in_lab(&lab);
     assert!(sum > 0);
     // SIGKILL: no chance to clean up; the BPF link dies with the process.
@@ -109,6 +132,28 @@ fn afxdp_generic_mode_and_sigkill_leave_nothing() {
         !lab.server_has_xdp(),
         "the XDP program must be gone after SIGKILL"
     );
+}
+
+/// The CPUs a thread of `pid` named `name` may run on and its scheduling policy (0 normal, 1 FIFO).
+fn thread_placement(pid: i32, name: &str) -> (String, u32) {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        if std::fs::read_to_string(dir.join("comm")).unwrap().trim() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap()
+            .trim()
+            .to_string();
+        // /proc/PID/task/TID/stat: field 41 is the policy; the command name (field 2) has no spaces here.
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        let policy = stat.split_whitespace().nth(40).unwrap().parse().unwrap();
+        return (allowed, policy);
+    }
+    panic!("no thread named {name} in process {pid}");
 }
 
 fn serve_fails_in(lab: &LabNet, args: &[&str]) -> String {

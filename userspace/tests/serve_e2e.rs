@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 
@@ -70,24 +70,6 @@ fn an_empty_http_token_is_refused_at_start_up() {
             "{http} from the environment: {err}"
         );
     }
-}
-
-/// Sends one UDP datagram from source port 0 through a raw socket (the kernel builds the IP header).
-pub fn send_from_port_zero(to: SocketAddr, payload: &[u8]) {
-    let socket = socket2::Socket::new(
-        socket2::Domain::IPV4,
-        socket2::Type::RAW,
-        Some(socket2::Protocol::UDP),
-    )
-    .expect("raw socket (root)");
-    let mut datagram = Vec::with_capacity(8 + payload.len());
-    datagram.extend_from_slice(&0u16.to_be_bytes());
-    datagram.extend_from_slice(&to.port().to_be_bytes());
-    datagram.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    datagram.extend_from_slice(&0u16.to_be_bytes()); // no checksum (IPv4 allows it)
-    datagram.extend_from_slice(payload);
-    let dest = SocketAddr::new(to.ip(), 0);
-    socket.send_to(&datagram, &dest.into()).unwrap();
 }
 
 #[test]

@@ -56,8 +56,9 @@ fn xdp_mode_end_to_end() {
         expected,
         "one counter for XDP_TX and the kernel path"
     );
-    // 16 lab clients x 300 requests, the bench's 20,000 and the invalid-request check's two reads.
-    assert_eq!(xdp_field(&output, "tx"), 16 * 300 + 20000 + 2);
+    // 16 lab clients x 300 requests, the bench's 20,000, and two reads each in the invalid-request
+    // and the port-zero checks.
+    assert_eq!(xdp_field(&output, "tx"), 16 * 300 + 20000 + 4);
     assert_eq!(xdp_field(&output, "drop_bad_hash"), 3);
     assert_eq!(xdp_field(&output, "drop_wrong_length"), 2);
     assert_eq!(

@@ -534,6 +534,7 @@ pub fn invalid_requests_are_never_answered(lab: &LabNet) {
 pub fn bypass_serves_the_lab(lab: &LabNet) -> u64 {
     let sum = exactness_in_lab(lab);
     invalid_requests_are_never_answered(lab);
+    port_zero_is_never_applied(lab);
     let spec = format!("udp://{LAB_SERVER}:{COUNTER_PORT}");
     let r = bench_json_in(
         lab,
@@ -570,4 +571,48 @@ pub fn bypass_serves_the_lab(lab: &LabNet) -> u64 {
         assert!(ok, "ping to the responder failed while attached: {out}");
     }
     sum + 3 * 20000 + 100
+}
+
+/// Sends one UDP datagram from source port 0 through a raw socket (the kernel builds the IP header).
+/// No reply can ever be addressed to it.
+pub fn send_from_port_zero(to: SocketAddr, payload: &[u8]) {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::UDP),
+    )
+    .expect("a raw socket (needs root)");
+    let mut datagram = Vec::with_capacity(8 + payload.len());
+    datagram.extend_from_slice(&0u16.to_be_bytes());
+    datagram.extend_from_slice(&to.port().to_be_bytes());
+    datagram.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    datagram.extend_from_slice(&0u16.to_be_bytes()); // no checksum, which IPv4 allows
+    datagram.extend_from_slice(payload);
+    let dest = SocketAddr::new(to.ip(), 0);
+    socket.send_to(&datagram, &dest.into()).unwrap();
+}
+
+/// A datagram from source port 0 is never answered and never counted: the counter read before and
+/// after it is the same.
+pub fn port_zero_is_never_applied(lab: &LabNet) {
+    in_netns(&lab.client_ns, || {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.connect(addr(COUNTER_PORT)).unwrap();
+        socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut buf = [0u8; 64];
+        socket.send(&frame(0)).unwrap();
+        let n = socket.recv(&mut buf).unwrap();
+        let before = parse_reply(&buf[..n]);
+        send_from_port_zero(addr(COUNTER_PORT), &frame(1000));
+        std::thread::sleep(Duration::from_millis(100));
+        socket.send(&frame(0)).unwrap();
+        let n = socket.recv(&mut buf).unwrap();
+        assert_eq!(
+            parse_reply(&buf[..n]),
+            before,
+            "a request from source port 0 was applied"
+        );
+    })
+    .join()
+    .unwrap();
 }
