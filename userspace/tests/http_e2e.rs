@@ -407,6 +407,68 @@ fn keep_alive_and_pipelining() {
     assert_eq!(r.read_to_end(&mut rest).unwrap(), 0);
 }
 
+/// Request smuggling (RFC 9112 section 6.3): a request whose length two readers could disagree on
+/// is refused, and what follows it on the connection is never executed.
+#[test]
+fn ambiguous_content_length_is_refused_and_nothing_is_smuggled() {
+    let server = Server::start(&["--listen", "udp://127.0.0.1:0"]);
+    let addr = http_addr(&server);
+    let body = br#"{"increment": 7}"#;
+    let smuggled = format!(
+        "POST /counter HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut smuggled = smuggled.into_bytes();
+    smuggled.extend_from_slice(body);
+    let lengths = [
+        format!("Content-Length: {}\r\nContent-Length: 0", smuggled.len()),
+        format!("Content-Length: 0\r\nContent-Length: {}", smuggled.len()),
+        format!("Content-Length: +{}", smuggled.len()),
+        format!("Content-Length: 0, {}", smuggled.len()),
+    ];
+    for length in lengths {
+        let (mut s, mut r) = connect(addr);
+        let mut request =
+            format!("GET /counter HTTP/1.1\r\nHost: x\r\n{length}\r\n\r\n").into_bytes();
+        request.extend_from_slice(&smuggled);
+        s.write_all(&request).unwrap();
+        let reply = read_reply(&mut r);
+        assert_eq!(reply.status, 400, "{length:?}: {}", reply.text());
+        assert_eq!(reply.header("connection"), Some("close"));
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).unwrap();
+        assert!(
+            rest.is_empty(),
+            "{length:?}: a second reply {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+    assert_eq!(
+        get(addr, "/counter").json()["value"],
+        0,
+        "a smuggled request ran"
+    );
+    // Identical values are one length: the body is read, the next request runs.
+    let mut request =
+        b"POST /counter HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".to_vec();
+    request.extend_from_slice(
+        format!(
+            "Content-Length: {0}\r\nContent-Length: {0}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    request.extend_from_slice(body);
+    assert_eq!(raw(addr, &request).json()["value"], 7);
+    // `Connection` is a token list: `Upgrade, close` closes after the reply.
+    let (mut s, mut r) = connect(addr);
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, close\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_reply(&mut r).header("connection"), Some("close"));
+    let mut rest = Vec::new();
+    assert_eq!(r.read_to_end(&mut rest).unwrap(), 0);
+}
+
 #[test]
 fn http_and_udp_increments_sum_exactly() {
     let server = Server::start(&["--listen", "udp://127.0.0.1:0"]);

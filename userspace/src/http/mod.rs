@@ -2,6 +2,7 @@
 //! profiles and a live dashboard, served by their own threads off the packet path.
 
 pub mod profile;
+pub mod request;
 pub mod routes;
 pub mod server;
 pub mod state;

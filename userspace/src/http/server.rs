@@ -1,7 +1,8 @@
 //! The HTTP/1.1 server: its own worker threads, each an epoll loop over its SO_REUSEPORT listener (or
-//! a share of the Unix listener) and its connections. Keep-alive and pipelining; requests parsed with
-//! httparse; limits on the request head and body; header-read and idle timeouts; a per-source rate
-//! limit; graceful shutdown. An idle connection holds no buffer.
+//! a share of the Unix listener) and its connections. Keep-alive and pipelining; requests parsed by
+//! the sans-IO parser in request.rs, which enforces the limits on the request head and body;
+//! header-read and idle timeouts; a per-source rate limit; graceful shutdown. An idle connection
+//! holds no buffer.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -20,18 +21,14 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use slab::Slab;
 
+use super::request::{self, Parse};
 use super::routes::{self, Access, Request, Response, Routed};
 use super::state::AppState;
 use crate::kernel::{self, UnixEndpoint};
 use crate::spec::CpuId;
 use crate::sys;
 
-/// Longest request line plus headers.
-pub const MAX_HEAD: usize = 8 * 1024;
-/// Most header fields.
-pub const MAX_HEADERS: usize = 32;
-/// Longest request body.
-pub const MAX_BODY: usize = 64 * 1024;
+pub use super::request::{MAX_BODY, MAX_HEAD, MAX_HEADERS};
 const READ_CHUNK: usize = 16 * 1024;
 const TOKEN_WAKE: u64 = u64::MAX;
 const TOKEN_LISTENER: u64 = u64::MAX - 1;
@@ -449,97 +446,15 @@ impl HttpWorker {
         let mut outcome = Outcome::Continue;
         while consumed < conn.inbuf.len() && !conn.close_after_flush {
             let started = Instant::now();
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut parsed = httparse::Request::new(&mut headers);
-            let input = &conn.inbuf[consumed..];
-            let head_len = match parsed.parse(input) {
-                Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
-                // The rest of the head is still on its way.
-                Ok(httparse::Status::Partial) if input.len() <= MAX_HEAD => break,
-                // Complete but too long, or already past the limit without ending.
-                Ok(_) => {
-                    reject(
-                        conn,
-                        431,
-                        "the request line and headers exceed 8 KiB",
-                        date,
-                        &self.state,
-                    );
+            let (head, len) = match request::parse(&conn.inbuf[consumed..]) {
+                Parse::Partial => break,
+                Parse::Reject { status, message } => {
+                    reject(conn, status, message, date, &self.state);
                     break;
                 }
-                Err(httparse::Error::TooManyHeaders) => {
-                    reject(conn, 431, "more than 32 header fields", date, &self.state);
-                    break;
-                }
-                Err(_) => {
-                    reject(conn, 400, "malformed request", date, &self.state);
-                    break;
-                }
+                Parse::Complete { head, len } => (head, len),
             };
-            let method = parsed.method.unwrap_or("");
-            let target = parsed.path.unwrap_or("/");
-            let http10 = parsed.version == Some(0);
-            let mut content_length = 0usize;
-            let mut content_type = None;
-            let mut authorization = None;
-            let mut close = http10;
-            let mut chunked = false;
-            let mut bad_length = false;
-            for h in parsed.headers.iter() {
-                if h.name.eq_ignore_ascii_case("content-length") {
-                    match std::str::from_utf8(h.value)
-                        .ok()
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                    {
-                        Some(n) => content_length = n,
-                        None => bad_length = true,
-                    }
-                } else if h.name.eq_ignore_ascii_case("content-type") {
-                    content_type = std::str::from_utf8(h.value).ok();
-                } else if h.name.eq_ignore_ascii_case("authorization") {
-                    authorization = std::str::from_utf8(h.value).ok();
-                } else if h.name.eq_ignore_ascii_case("connection") {
-                    let v = std::str::from_utf8(h.value).unwrap_or("");
-                    if v.eq_ignore_ascii_case("close") {
-                        close = true;
-                    } else if v.eq_ignore_ascii_case("keep-alive") {
-                        close = false;
-                    }
-                } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                    chunked = true;
-                }
-            }
-            if bad_length {
-                reject(conn, 400, "bad Content-Length", date, &self.state);
-                break;
-            }
-            if chunked {
-                reject(
-                    conn,
-                    501,
-                    "chunked request bodies are not supported: send Content-Length",
-                    date,
-                    &self.state,
-                );
-                break;
-            }
-            if content_length > MAX_BODY {
-                reject(
-                    conn,
-                    413,
-                    "the request body exceeds 64 KiB",
-                    date,
-                    &self.state,
-                );
-                break;
-            }
-            if input.len() < head_len + content_length {
-                break; // the body is still on its way
-            }
-            let body = &input[head_len..head_len + content_length];
-            let (path, query) = target.split_once('?').unwrap_or((target, ""));
-            let route = routes::route_label(path);
-            let head_only = method == "HEAD";
+            let route = routes::route_label(head.path);
             let limited = match (&self.limiter, conn.peer) {
                 (Some(limiter), Some(ip)) => limiter.check_key(&ip).is_err(),
                 _ => false,
@@ -548,12 +463,12 @@ impl HttpWorker {
                 Response::error(429, "rate limit exceeded for this source: slow down")
             } else {
                 let request = Request {
-                    method,
-                    path,
-                    query,
-                    content_type,
-                    authorization,
-                    body,
+                    method: head.method,
+                    path: head.path,
+                    query: head.query,
+                    content_type: head.content_type,
+                    authorization: head.authorization,
+                    body: head.body,
                     local_peer: conn.local,
                 };
                 match routes::route(&request, &self.state, &self.access) {
@@ -562,7 +477,7 @@ impl HttpWorker {
                         seconds,
                         flamegraph,
                     } => {
-                        consumed += head_len + content_length;
+                        consumed += len;
                         outcome = Outcome::Profile {
                             seconds,
                             flamegraph,
@@ -571,15 +486,21 @@ impl HttpWorker {
                     }
                 }
             };
-            write_response(&mut conn.outbuf, &response, head_only, close, date);
+            write_response(
+                &mut conn.outbuf,
+                &response,
+                head.head_only,
+                head.close,
+                date,
+            );
             self.metrics.observe(
                 &self.state,
                 route,
                 response.status,
                 started.elapsed().as_secs_f64(),
             );
-            consumed += head_len + content_length;
-            if close {
+            consumed += len;
+            if head.close {
                 conn.close_after_flush = true;
             }
         }
