@@ -379,4 +379,35 @@ mod test {
         let got = client.recv(&mut buf).unwrap();
         assert_eq!(&buf[..got], b"HELLO");
     }
+
+    #[test]
+    fn send_refuses_entries_outside_the_batch() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.connect(server.local_addr().unwrap()).unwrap();
+        client.send(b"ping").unwrap();
+        let mut batch = MmsgBatch::new(2, 32);
+        let mut n = 0;
+        for _ in 0..100 {
+            n += batch.recv(server.as_raw_fd(), false).unwrap();
+            if n == 1 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(n, 1);
+        // A slot beyond the batch and a length beyond the slot never reach the kernel.
+        assert_eq!(
+            batch.send(server.as_raw_fd(), &[(2, 4), (0, 33)]),
+            (0, 0, 2)
+        );
+        // A valid entry beside them still goes out.
+        assert_eq!(batch.send(server.as_raw_fd(), &[(7, 1), (0, 4)]), (1, 4, 1));
+        let mut buf = [0u8; 16];
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let got = client.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..got], b"ping");
+    }
 }
