@@ -25,6 +25,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("ping", "iputils-ping"),
     ("chromium", "chromium"),
     ("chromedriver", "chromium-driver"),
+    ("nft", "nftables"),
+    ("tcpdump", "tcpdump"),
 ];
 
 const USAGE: &str = "usage: cargo xtask <task>
@@ -82,15 +84,20 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Whether a tool is installed: on PATH, or in an sbin directory a normal user's PATH leaves out
+/// (Debian puts ethtool and nft in /usr/sbin).
 fn have(tool: &str) -> bool {
     if tool.starts_with('/') {
         return Path::new(tool).exists();
     }
-    Command::new("sh")
+    let on_path = Command::new("sh")
         .args(["-c", &format!("command -v {tool} >/dev/null 2>&1")])
         .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+        .is_ok_and(|s| s.success());
+    on_path
+        || ["/usr/sbin", "/sbin"]
+            .iter()
+            .any(|dir| Path::new(dir).join(tool).exists())
 }
 
 /// Installs the Debian packages of missing tools when root, or says exactly what to run.
@@ -130,6 +137,12 @@ fn run(cmd: &mut Command) -> Result<()> {
 fn test(extra: &[String]) -> Result<()> {
     ensure_tools(TEST_TOOLS)?;
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // xtask's lab test drives target/debug/ricochet, which `cargo test` builds only when the ricochet
+    // package is among the selected ones: build it first, whatever ARGS select.
+    run(Command::new(&cargo)
+        .current_dir(workspace_root())
+        .args(["build", "-p", "ricochet", "--bin", "ricochet"]))
+    .context("cannot build the debug ricochet binary the lab test runs")?;
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root())
         .args(["test", "--workspace", "--all-targets"])

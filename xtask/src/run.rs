@@ -99,6 +99,32 @@ fn driver_of(iface: &str) -> Option<String> {
 
 pub fn run(args: &[String]) -> Result<()> {
     let r = parse(args)?;
+    let (driver, address) = check_prerequisites(&r)?;
+    let binary = match &r.binary {
+        Some(b) => b.clone(),
+        None => build_release()?,
+    };
+    let serve = serve_args(&r, &address);
+    println!(
+        "interface {} (driver {driver}, {address}); mode {}",
+        r.iface, r.mode
+    );
+    println!("running: {} {}", binary.display(), serve.join(" "));
+    if r.dry_run {
+        return Ok(());
+    }
+    launch(&Launch {
+        hw: binary.clone(),
+        serve_program: binary,
+        serve,
+        profile: r.profile.clone(),
+        state: PathBuf::from(format!("/run/ricochet/xtask-run-{}.json", r.iface)),
+    })
+}
+
+/// Root, the tools, the interface, the kernel version the mode needs; returns the interface's driver
+/// and first IPv4 address.
+fn check_prerequisites(r: &RunArgs) -> Result<(String, String)> {
     if !is_root() {
         bail!(
             "xdp and af_xdp need root: run 'sudo cargo xtask run --iface {}' (or as root)",
@@ -128,23 +154,25 @@ pub fn run(args: &[String]) -> Result<()> {
         );
     }
     let driver = driver_of(&r.iface).unwrap_or_else(|| "unknown".into());
-    let address = ipv4_of(&r.iface)?;
+    Ok((driver, ipv4_of(&r.iface)?))
+}
+
+fn build_release() -> Result<PathBuf> {
     let root = workspace_root();
-    let binary = match &r.binary {
-        Some(b) => b.clone(),
-        None => {
-            let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .current_dir(&root)
-                .args(["build", "--release", "--quiet", "-p", "ricochet"])
-                .status()
-                .context("cannot run cargo build")?;
-            if !status.success() {
-                bail!("the release build failed (see above)");
-            }
-            root.join("target/release/ricochet")
-        }
-    };
-    let state = PathBuf::from(format!("/run/ricochet/xtask-run-{}.json", r.iface));
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&root)
+        .args(["build", "--release", "--quiet", "-p", "ricochet"])
+        .status()
+        .context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("the release build failed (see above)");
+    }
+    Ok(root.join("target/release/ricochet"))
+}
+
+/// `ricochet serve` arguments: listeners on the interface's address, HTTP on loopback unless the
+/// caller chose, the interface for the bypass modes, the profile, then the caller's arguments.
+fn serve_args(r: &RunArgs, address: &str) -> Vec<String> {
     let mut serve = vec![
         "serve".to_string(),
         "--mode".into(),
@@ -170,52 +198,120 @@ pub fn run(args: &[String]) -> Result<()> {
         serve.extend(["--profile".into(), profile.display().to_string()]);
     }
     serve.extend(r.serve_args.iter().cloned());
-    println!(
-        "interface {} (driver {driver}, {address}); mode {}",
-        r.iface, r.mode
-    );
-    println!("running: {} {}", binary.display(), serve.join(" "));
-    if r.dry_run {
-        return Ok(());
-    }
-    if let Some(profile) = &r.profile {
-        let status = Command::new(&binary)
-            .args(["hw", "apply"])
-            .arg(profile)
-            .arg("--state")
-            .arg(&state)
-            .status()
-            .context("cannot run ricochet hw apply")?;
-        if !status.success() {
-            bail!("the profile could not be applied (see above); nothing was started");
-        }
-    }
-    let mut child = Command::new(&binary)
-        .args(&serve)
+    serve
+}
+
+/// What `launch` runs: `HW hw apply PROFILE --state STATE`, then `SERVE_PROGRAM SERVE...`, then
+/// `HW hw revert --state STATE`. The two programs are the same ricochet binary except in tests.
+struct Launch {
+    hw: PathBuf,
+    serve_program: PathBuf,
+    serve: Vec<String>,
+    profile: Option<PathBuf>,
+    state: PathBuf,
+}
+
+/// Applies the profile, runs ricochet until it exits, and reverts the profile on every way out: a
+/// serve that cannot be spawned, exits at once, or is stopped with Ctrl-C (see [`AppliedProfile`]).
+fn launch(l: &Launch) -> Result<()> {
+    let profile = match &l.profile {
+        Some(profile) => Some(AppliedProfile::apply(&l.hw, profile, &l.state)?),
+        None => None,
+    };
+    let mut child = Command::new(&l.serve_program)
+        .args(&l.serve)
         .spawn()
-        .context("cannot start ricochet")?;
+        .with_context(|| format!("cannot start {}", l.serve_program.display()))?;
     // Ctrl-C reaches ricochet (same process group) and stops it cleanly; xtask ignores it so that it
     // can restore the profile afterwards. Set only now: a child spawned earlier would inherit it.
-    // SAFETY: installing SIG_IGN for SIGINT has no memory-safety preconditions.
-    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
-    let status = child.wait().context("waiting for ricochet")?;
-    if r.profile.is_some() {
-        let reverted = Command::new(&binary)
-            .args(["hw", "revert", "--state"])
-            .arg(&state)
-            .status();
-        if !reverted.map(|s| s.success()).unwrap_or(false) {
-            eprintln!(
-                "xtask: could not revert the profile: run 'sudo {} hw revert --state {}'",
-                binary.display(),
-                state.display()
-            );
-        }
-    }
+    let sigint = SigintIgnored::install();
+    let status = child.wait();
+    // Revert while Ctrl-C is still ignored, so a second Ctrl-C cannot interrupt the revert.
+    drop(profile);
+    drop(sigint);
+    let status = status.context("waiting for ricochet")?;
     if !status.success() {
         bail!("ricochet serve exited with {status}");
     }
     Ok(())
+}
+
+/// A profile applied with `ricochet hw apply`. Dropping it runs `ricochet hw revert`, so the machine
+/// is restored however `launch` ends. `hw apply` saves each change as it makes it, so a guard also
+/// undoes what an apply that failed half way had already changed.
+struct AppliedProfile {
+    binary: PathBuf,
+    state: PathBuf,
+}
+
+impl AppliedProfile {
+    fn apply(binary: &Path, profile: &Path, state: &Path) -> Result<AppliedProfile> {
+        if state.exists() {
+            bail!(
+                "a profile is still applied ({} exists: another 'cargo xtask run' on this interface, or one \
+                 that was killed): run 'sudo {} hw revert --state {}' first",
+                state.display(),
+                binary.display(),
+                state.display()
+            );
+        }
+        let status = Command::new(binary)
+            .args(["hw", "apply"])
+            .arg(profile)
+            .arg("--state")
+            .arg(state)
+            .status()
+            .with_context(|| format!("cannot run {} hw apply", binary.display()))?;
+        let applied = AppliedProfile {
+            binary: binary.to_path_buf(),
+            state: state.to_path_buf(),
+        };
+        if !status.success() {
+            drop(applied);
+            bail!("the profile could not be applied (see above); nothing was started");
+        }
+        Ok(applied)
+    }
+}
+
+impl Drop for AppliedProfile {
+    fn drop(&mut self) {
+        if !self.state.exists() {
+            // `hw apply` failed before it changed anything: there is nothing to revert.
+            return;
+        }
+        let reverted = Command::new(&self.binary)
+            .args(["hw", "revert", "--state"])
+            .arg(&self.state)
+            .status();
+        if !reverted.is_ok_and(|s| s.success()) {
+            eprintln!(
+                "xtask: could not revert the profile: run 'sudo {} hw revert --state {}'",
+                self.binary.display(),
+                self.state.display()
+            );
+        }
+    }
+}
+
+/// SIGINT ignored in this process until dropped, then its previous disposition restored.
+struct SigintIgnored(libc::sighandler_t);
+
+impl SigintIgnored {
+    fn install() -> SigintIgnored {
+        // SAFETY: installing SIG_IGN for SIGINT has no memory-safety preconditions.
+        SigintIgnored(unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) })
+    }
+}
+
+impl Drop for SigintIgnored {
+    fn drop(&mut self) {
+        if self.0 != libc::SIG_ERR {
+            // SAFETY: restores the disposition `signal` returned: SIG_DFL, SIG_IGN or a handler that
+            // was installed before and is still valid.
+            unsafe { libc::signal(libc::SIGINT, self.0) };
+        }
+    }
 }
 
 #[cfg(test)]
@@ -244,5 +340,121 @@ mod test {
             .unwrap_err()
             .to_string()
             .contains("needs a value"));
+    }
+
+    /// A directory with a stand-in for ricochet that logs each call to `log` and behaves as told:
+    /// `hw apply` writes the state file unless `apply_saves` is false and exits `apply_exit`;
+    /// `hw revert` removes the state file; `serve` exits 3 at once. Removed on drop.
+    struct FakeRicochet {
+        dir: PathBuf,
+    }
+
+    impl FakeRicochet {
+        fn new(name: &str, apply_saves: bool, apply_exit: u8) -> FakeRicochet {
+            let dir = std::env::temp_dir().join(format!("xtask-run-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let save = if apply_saves {
+                "echo '{}' > \"$state\""
+            } else {
+                ":"
+            };
+            let script = format!(
+                "#!/bin/sh\n\
+                 echo \"$1 $2\" >> '{log}'\n\
+                 state=; prev=; for a in \"$@\"; do [ \"$prev\" = --state ] && state=$a; prev=$a; done\n\
+                 case \"$1 $2\" in\n\
+                 'hw apply') {save}; exit {apply_exit};;\n\
+                 'hw revert') rm \"$state\"; exit 0;;\n\
+                 esac\n\
+                 exit 3\n",
+                log = dir.join("log").display()
+            );
+            let program = dir.join("ricochet");
+            std::fs::write(&program, script).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+            FakeRicochet { dir }
+        }
+
+        fn launch(&self, serve_program: &Path) -> Launch {
+            Launch {
+                hw: self.dir.join("ricochet"),
+                serve_program: serve_program.to_path_buf(),
+                serve: args("serve --mode xdp"),
+                profile: Some(self.dir.join("profile.toml")),
+                state: self.dir.join("state.json"),
+            }
+        }
+
+        /// The calls made so far, one "ARG1 ARG2" per call.
+        fn calls(&self) -> Vec<String> {
+            std::fs::read_to_string(self.dir.join("log"))
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_string)
+                .collect()
+        }
+    }
+
+    impl Drop for FakeRicochet {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn a_serve_that_cannot_be_spawned_reverts_the_profile() {
+        let fake = FakeRicochet::new("spawn", true, 0);
+        let l = fake.launch(&fake.dir.join("no-such-ricochet"));
+        let error = launch(&l).unwrap_err();
+        assert!(format!("{error:#}").contains("cannot start"), "{error:#}");
+        assert_eq!(fake.calls(), ["hw apply", "hw revert"]);
+        assert!(!l.state.exists(), "the state file is gone after the revert");
+    }
+
+    #[test]
+    fn a_serve_that_exits_at_once_reverts_the_profile() {
+        let fake = FakeRicochet::new("exit", true, 0);
+        let l = fake.launch(&fake.dir.join("ricochet"));
+        let error = launch(&l).unwrap_err();
+        assert!(format!("{error:#}").contains("exited with"), "{error:#}");
+        assert_eq!(fake.calls(), ["hw apply", "serve --mode", "hw revert"]);
+        assert!(!l.state.exists());
+    }
+
+    #[test]
+    fn an_apply_that_fails_half_way_is_reverted_and_nothing_starts() {
+        let fake = FakeRicochet::new("partial", true, 1);
+        let l = fake.launch(&fake.dir.join("ricochet"));
+        let error = launch(&l).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("could not be applied"),
+            "{error:#}"
+        );
+        assert_eq!(fake.calls(), ["hw apply", "hw revert"]);
+        assert!(!l.state.exists());
+    }
+
+    #[test]
+    fn an_apply_that_changed_nothing_is_not_reverted() {
+        let fake = FakeRicochet::new("nothing", false, 1);
+        let l = fake.launch(&fake.dir.join("ricochet"));
+        assert!(launch(&l).is_err());
+        assert_eq!(fake.calls(), ["hw apply"]);
+    }
+
+    #[test]
+    fn a_profile_still_applied_is_neither_applied_again_nor_reverted() {
+        let fake = FakeRicochet::new("leftover", true, 0);
+        let l = fake.launch(&fake.dir.join("ricochet"));
+        std::fs::write(&l.state, "{}").unwrap();
+        let error = launch(&l).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("hw revert --state"),
+            "{error:#}"
+        );
+        assert!(fake.calls().is_empty(), "{:?}", fake.calls());
+        assert!(l.state.exists(), "another run's state is left alone");
     }
 }

@@ -1,29 +1,18 @@
 //! `cargo xtask lab` and `cargo xtask run` end to end: the lab comes up (idempotently, with XDP_PASS on
 //! the client side), `xtask run` serves the responder side in xdp mode with the veth-lab profile,
-//! answers requests from the client side, stops on Ctrl-C and reverts the profile; `lab down` removes
-//! everything.
+//! answers requests from the client side, stops on Ctrl-C and reverts the profile; a serve that fails
+//! at start leaves the profile reverted too; `lab down` removes everything.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{require_root, root, skip};
+
 const XTASK: &str = env!("CARGO_BIN_EXE_xtask");
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
 
 fn sh(args: &[&str]) -> (bool, String) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
@@ -43,8 +32,7 @@ impl Drop for LabGuard {
 
 #[test]
 fn lab_up_run_serve_and_down() {
-    if !is_root() {
-        eprintln!("SKIP: the lab needs root");
+    if !require_root("the lab (network namespaces)") {
         return;
     }
     let ricochet = std::env::var_os("CARGO_TARGET_DIR")
@@ -52,10 +40,10 @@ fn lab_up_run_serve_and_down() {
         .unwrap_or_else(|| root().join("target"))
         .join("debug/ricochet");
     if !ricochet.exists() {
-        eprintln!(
-            "SKIP: {} is not built (cargo xtask test builds it)",
+        skip(&format!(
+            "{} is not built (cargo xtask test builds it; or run 'cargo build -p ricochet')",
             ricochet.display()
-        );
+        ));
         return;
     }
     let _guard = LabGuard;
@@ -177,6 +165,39 @@ fn lab_up_run_serve_and_down() {
         "veth-srv",
     ]);
     assert!(!link.contains("prog/xdp"), "nothing left attached: {link}");
+
+    // A serve that fails at start (here a CPU outside the allowed set) leaves nothing applied.
+    let (ok, out) = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        "ricochet-srv",
+        XTASK,
+        "run",
+        "--iface",
+        "veth-srv",
+        "--mode",
+        "xdp",
+        "--binary",
+        ricochet.to_str().unwrap(),
+        "--profile",
+        profile.to_str().unwrap(),
+        "--",
+        "--http",
+        "off",
+        "--cpus",
+        "4095",
+    ]);
+    assert!(!ok, "xtask run fails when ricochet cannot start: {out}");
+    assert!(
+        out.contains("applied;") && out.contains("exited with"),
+        "the profile was applied, then serve failed: {out}"
+    );
+    assert_eq!(knob(), before, "the profile was reverted: {out}");
+    assert!(
+        !Path::new("/run/ricochet/xtask-run-veth-srv.json").exists(),
+        "no state is left behind"
+    );
 
     let (ok, out) = sh(&[XTASK, "lab", "down"]);
     assert!(ok, "{out}");
