@@ -239,6 +239,90 @@ fn metrics_parse_with_a_real_parser() {
     assert!(text.trim_end().ends_with("# EOF"));
 }
 
+/// The samples of one scrape, by metric name and labels.
+fn scrape(addr: SocketAddr) -> prometheus_parse::Scrape {
+    let text = get(addr, "/metrics").text();
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("the exposition parses")
+}
+
+/// Every statistic of a worker record, described once in `StatsSnapshot::fields` and
+/// `DropReason::ALL`, is in both /metrics and /stats for every worker.
+#[test]
+fn every_statistic_is_in_metrics_and_stats() {
+    use ricochet::stats::{DropReason, FieldKind, StatsSnapshot};
+    let server = Server::start(&[
+        "--listen",
+        "udp://127.0.0.1:0",
+        "--listen",
+        "tcp://127.0.0.1:0",
+    ]);
+    let addr = http_addr(&server);
+    let scrape = scrape(addr);
+    let stats = get(addr, "/stats").json();
+    let workers = stats["workers"].as_array().unwrap();
+    assert!(!workers.is_empty());
+    let sample = |metric: &str, labels: &[(&str, &str)]| {
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+    };
+    for field in StatsSnapshot::default().fields() {
+        let metric = match field.kind {
+            FieldKind::Counter => format!("ricochet_{}_total", field.name),
+            FieldKind::Gauge => format!("ricochet_{}", field.name),
+        };
+        for w in workers {
+            let id = w["id"].to_string();
+            assert!(
+                sample(&metric, &[("datapath", "kernel"), ("worker", &id)]),
+                "{metric} of kernel worker {id} is not in /metrics"
+            );
+            assert!(
+                w[field.name].is_u64(),
+                "{} is not in /stats: {w}",
+                field.name
+            );
+        }
+        assert!(
+            stats["http_counter"][field.name].is_u64(),
+            "{} is not in /stats http_counter",
+            field.name
+        );
+    }
+    for reason in DropReason::ALL {
+        for w in workers {
+            let id = w["id"].to_string();
+            assert!(
+                sample(
+                    "ricochet_drops_total",
+                    &[("worker", &id), ("reason", reason.as_str())]
+                ),
+                "drop reason {reason} of worker {id} is not in /metrics"
+            );
+            assert!(
+                w["drops"][reason.as_str()].is_u64(),
+                "drop reason {reason} is not in /stats"
+            );
+        }
+    }
+    for name in ["http_conns_refused", "http_pending_rejected"] {
+        assert!(
+            sample(&format!("ricochet_{name}_total"), &[]),
+            "{name} is not in /metrics"
+        );
+        assert!(stats["http"][name].is_u64(), "{name} is not in /stats");
+    }
+    for name in ["http_pending_bytes", "http_pending_limit_bytes"] {
+        assert!(
+            sample(&format!("ricochet_{name}"), &[]),
+            "{name} is not in /metrics"
+        );
+        assert!(stats["http"][name].is_u64(), "{name} is not in /stats");
+    }
+}
+
 #[test]
 fn error_paths() {
     let server = Server::start(&[

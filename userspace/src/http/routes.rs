@@ -1,19 +1,19 @@
 //! The endpoints, sans-IO: a parsed request in, a response out. The server (server.rs) does the I/O.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter as PromCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry, Unit};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use super::state::{AppState, RouteLabel, RouteStatus};
 use crate::core::{Batch, Protocol};
-use crate::stats::DropReason;
+use crate::stats::{DropReason, Field, FieldKind, StatsSnapshot, XskLive};
 use crate::wire::{CounterRepr, FRAME_LEN};
 
 /// The dashboard page, embedded in the binary.
@@ -327,48 +327,107 @@ struct BuildLabels {
     mode: &'static str,
 }
 
-/// The Prometheus (OpenMetrics) exposition, built from lock-free reads of the worker records.
-pub fn metrics_text(state: &AppState) -> String {
-    let mut registry = Registry::with_prefix("ricochet");
-    let requests = Family::<WorkerLabels, PromCounter>::default();
-    let replies = Family::<WorkerLabels, PromCounter>::default();
-    let rx_bytes = Family::<WorkerLabels, PromCounter>::default();
-    let tx_bytes = Family::<WorkerLabels, PromCounter>::default();
-    let tx_errors = Family::<WorkerLabels, PromCounter>::default();
+/// One metric family per field of a statistics record, counter or gauge as the field says.
+enum FieldFamily<L> {
+    Counter(Family<L, PromCounter>),
+    Gauge(Family<L, Gauge<u64, AtomicU64>>),
+}
+
+impl<L> FieldFamily<L>
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    fn new(kind: FieldKind) -> FieldFamily<L> {
+        match kind {
+            FieldKind::Counter => FieldFamily::Counter(Family::default()),
+            FieldKind::Gauge => FieldFamily::Gauge(Family::default()),
+        }
+    }
+
+    fn add(&self, labels: &L, value: u64) {
+        match self {
+            FieldFamily::Counter(f) => {
+                f.get_or_create(labels).inc_by(value);
+            }
+            FieldFamily::Gauge(f) => {
+                f.get_or_create(labels).inc_by(value);
+            }
+        }
+    }
+
+    fn register(self, registry: &mut Registry, name: &str, help: &str) {
+        match self {
+            FieldFamily::Counter(f) => register_named(registry, name, help, f),
+            FieldFamily::Gauge(f) => register_named(registry, name, help, f),
+        }
+    }
+}
+
+/// Registers `metric` under `name`; a name ending in `_bytes` gets the OpenMetrics unit.
+fn register_named(registry: &mut Registry, name: &str, help: &str, metric: impl Metric) {
+    match name.strip_suffix("_bytes") {
+        Some(base) => registry.register_with_unit(base, help, Unit::Bytes, metric),
+        None => registry.register(name, help, metric),
+    }
+}
+
+/// Registers one statistic without labels.
+fn register_field(registry: &mut Registry, field: &Field) {
+    match field.kind {
+        FieldKind::Counter => {
+            let metric = PromCounter::<u64>::default();
+            metric.inc_by(field.value);
+            register_named(registry, field.name, field.help, metric);
+        }
+        FieldKind::Gauge => {
+            let metric = Gauge::<u64, AtomicU64>::default();
+            metric.set(field.value);
+            register_named(registry, field.name, field.help, metric);
+        }
+    }
+}
+
+/// The worker records (every field of [`StatsSnapshot::fields`] and every drop reason), one
+/// sample per worker, registered on `registry`.
+fn register_worker_records(registry: &mut Registry, state: &AppState) {
+    let described = StatsSnapshot::default().fields();
+    let families: Vec<FieldFamily<WorkerLabels>> =
+        described.iter().map(|f| FieldFamily::new(f.kind)).collect();
     let drops = Family::<DropLabels, PromCounter>::default();
-    let xsk_fields: Vec<(&'static str, Family<XskLabels, PromCounter>)> = [
-        "rx_dropped",
-        "rx_ring_full",
-        "fill_ring_empty_descs",
-        "tx_invalid_descs",
-        "tx_ring_empty_descs",
-    ]
-    .into_iter()
-    .map(|name| (name, Family::default()))
-    .collect();
-    let record = |datapath: &'static str, id: u32, stats: &crate::stats::WorkerStats| {
-        let s = stats.snapshot();
-        let labels = WorkerLabels {
-            datapath,
-            worker: id,
-        };
-        requests.get_or_create(&labels).inc_by(s.requests);
-        replies.get_or_create(&labels).inc_by(s.replies);
-        rx_bytes.get_or_create(&labels).inc_by(s.rx_bytes);
-        tx_bytes.get_or_create(&labels).inc_by(s.tx_bytes);
-        tx_errors.get_or_create(&labels).inc_by(s.tx_errors);
+    let record = |datapath: &'static str, worker: u32, s: &StatsSnapshot| {
+        let labels = WorkerLabels { datapath, worker };
+        for (field, family) in s.fields().iter().zip(&families) {
+            family.add(&labels, field.value);
+        }
         for reason in DropReason::ALL {
-            drops
-                .get_or_create(&DropLabels {
-                    datapath,
-                    worker: id,
-                    reason: reason.as_str(),
-                })
-                .inc_by(s.drops(reason));
+            let labels = DropLabels {
+                datapath,
+                worker,
+                reason: reason.as_str(),
+            };
+            drops.get_or_create(&labels).inc_by(s.drops(reason));
         }
     };
     for w in state.workers.lock().expect("not poisoned").iter() {
-        record(w.datapath, w.id, &w.stats);
+        record(w.datapath, w.id, &w.stats.snapshot());
+    }
+    record("http", 0, &state.http_counter_stats.snapshot());
+    for (field, family) in described.iter().zip(families) {
+        family.register(registry, field.name, field.help);
+    }
+    registry.register("drops", "Requests dropped, by reason", drops);
+}
+
+/// The Prometheus (OpenMetrics) exposition, built from lock-free reads of the worker records.
+pub fn metrics_text(state: &AppState) -> String {
+    let mut registry = Registry::with_prefix("ricochet");
+    register_worker_records(&mut registry, state);
+    let xsk_fields: Vec<(&'static str, Family<XskLabels, PromCounter>)> = XskLive::default()
+        .fields()
+        .into_iter()
+        .map(|(name, _)| (name, Family::default()))
+        .collect();
+    for w in state.workers.lock().expect("not poisoned").iter() {
         if let Some(live) = &w.xsk {
             for ((_, value), (_, family)) in live.fields().iter().zip(&xsk_fields) {
                 family
@@ -377,23 +436,9 @@ pub fn metrics_text(state: &AppState) -> String {
             }
         }
     }
-    record("http", 0, &state.http_counter_stats);
-    registry.register("requests", "Requests received", requests);
-    registry.register("replies", "Replies sent", replies);
-    registry.register_with_unit(
-        "rx",
-        "Request bytes received",
-        prometheus_client::registry::Unit::Bytes,
-        rx_bytes,
-    );
-    registry.register_with_unit(
-        "tx",
-        "Reply bytes sent",
-        prometheus_client::registry::Unit::Bytes,
-        tx_bytes,
-    );
-    registry.register("tx_errors", "Replies the kernel refused", tx_errors);
-    registry.register("drops", "Requests dropped, by reason", drops);
+    for field in state.http_conns.fields() {
+        register_field(&mut registry, &field);
+    }
     for (name, family) in xsk_fields {
         registry.register(
             format!("xsk_{name}"),
@@ -452,6 +497,21 @@ pub fn metrics_text(state: &AppState) -> String {
     out
 }
 
+/// A worker record as JSON: every field of [`StatsSnapshot::fields`], and `drops` by reason.
+fn record_json(s: &StatsSnapshot) -> serde_json::Map<String, serde_json::Value> {
+    let mut record: serde_json::Map<String, serde_json::Value> = s
+        .fields()
+        .iter()
+        .map(|f| (f.name.to_string(), json!(f.value)))
+        .collect();
+    let drops: serde_json::Map<String, serde_json::Value> = DropReason::ALL
+        .iter()
+        .map(|r| (r.as_str().to_string(), json!(s.drops(*r))))
+        .collect();
+    record.insert("drops".into(), serde_json::Value::Object(drops));
+    record
+}
+
 /// /stats: configuration, mode, fallbacks, uptime and every statistic in /metrics, as JSON.
 pub fn stats_json(state: &AppState) -> serde_json::Value {
     let workers: Vec<serde_json::Value> = state
@@ -460,34 +520,27 @@ pub fn stats_json(state: &AppState) -> serde_json::Value {
         .expect("not poisoned")
         .iter()
         .map(|w| {
-            let s = w.stats.snapshot();
-            let drops: serde_json::Map<String, serde_json::Value> = DropReason::ALL
-                .iter()
-                .map(|r| (r.as_str().to_string(), json!(s.drops(*r))))
-                .collect();
-            let mut v = json!({
-                "datapath": w.datapath,
-                "id": w.id,
-                "cpu": w.cpu.0,
-                "requests": s.requests,
-                "replies": s.replies,
-                "rx_bytes": s.rx_bytes,
-                "tx_bytes": s.tx_bytes,
-                "tx_errors": s.tx_errors,
-                "conns_opened": s.conns_opened,
-                "conns_closed": s.conns_closed,
-                "drops": drops,
-            });
+            let mut v = serde_json::Map::new();
+            v.insert("datapath".into(), json!(w.datapath));
+            v.insert("id".into(), json!(w.id));
+            v.insert("cpu".into(), json!(w.cpu.0));
+            v.extend(record_json(&w.stats.snapshot()));
             if let Some(live) = &w.xsk {
                 let xsk: serde_json::Map<String, serde_json::Value> = live
                     .fields()
                     .iter()
                     .map(|(k, v)| (k.to_string(), json!(v)))
                     .collect();
-                v["xsk"] = serde_json::Value::Object(xsk);
+                v.insert("xsk".into(), serde_json::Value::Object(xsk));
             }
-            v
+            serde_json::Value::Object(v)
         })
+        .collect();
+    let http: serde_json::Map<String, serde_json::Value> = state
+        .http_conns
+        .fields()
+        .iter()
+        .map(|f| (f.name.to_string(), json!(f.value)))
         .collect();
     let xdp = state
         .xdp_stats
@@ -517,10 +570,8 @@ pub fn stats_json(state: &AppState) -> serde_json::Value {
         "counter": state.counter.load(),
         "ready": state.readiness.reason().is_none(),
         "workers": workers,
-        "http_counter": {
-            "requests": state.http_counter_stats.requests.get(),
-            "replies": state.http_counter_stats.replies.get(),
-        },
+        "http_counter": record_json(&state.http_counter_stats.snapshot()),
+        "http": http,
         "xdp": xdp,
         "config": state.config,
         "workers_running": state.readiness.workers_running.load(Ordering::Relaxed),

@@ -1,7 +1,7 @@
 //! What the HTTP endpoints read: the datapaths' per-worker records, the global counter, readiness,
 //! and the HTTP server's own metrics. Everything here is read without locks on the packet path.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -12,7 +12,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
 use crate::core::Counter;
 use crate::spec::CpuId;
-use crate::stats::WorkerStats;
+use crate::stats::{Field, FieldKind, WorkerStats};
 
 pub use crate::stats::XskLive;
 
@@ -89,6 +89,121 @@ impl Default for HttpMetrics {
     }
 }
 
+/// Bytes buffered by partial HTTP requests, counted against one process-wide limit.
+#[derive(Debug)]
+pub struct PendingBudget {
+    limit: AtomicU64,
+    used: AtomicU64,
+}
+
+impl PendingBudget {
+    /// The default limit: 16 MiB of partial requests (about 230 of the largest, 72 KiB each).
+    pub const DEFAULT_LIMIT: u64 = 16 << 20;
+
+    pub fn new(limit: u64) -> PendingBudget {
+        PendingBudget {
+            limit: AtomicU64::new(limit),
+            used: AtomicU64::new(0),
+        }
+    }
+
+    /// Sets the limit (the server does it once, at start).
+    pub fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, Ordering::Relaxed);
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Bytes charged now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Charges `n` more bytes if the total stays within the limit; false (nothing charged) if not.
+    pub fn try_charge(&self, n: u64) -> bool {
+        let limit = self.limit();
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(n).filter(|&total| total <= limit)
+            })
+            .is_ok()
+    }
+
+    /// Charges `n` bytes whatever the limit (memory the allocator already handed out).
+    pub fn force_charge(&self, n: u64) {
+        self.used.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Gives back `n` bytes charged earlier.
+    pub fn release(&self, n: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                Some(used.saturating_sub(n))
+            });
+    }
+}
+
+/// The HTTP server's connection-level statistics and its budget of partial-request bytes.
+#[derive(Debug)]
+pub struct HttpConnStats {
+    /// Connections accepted and closed at once because the process was out of file descriptors.
+    pub refused: AtomicU64,
+    /// Requests answered 503 because partial requests held the whole pending budget.
+    pub over_budget: AtomicU64,
+    pub pending: PendingBudget,
+}
+
+impl Default for HttpConnStats {
+    fn default() -> HttpConnStats {
+        HttpConnStats {
+            refused: AtomicU64::new(0),
+            over_budget: AtomicU64::new(0),
+            pending: PendingBudget::new(PendingBudget::DEFAULT_LIMIT),
+        }
+    }
+}
+
+impl HttpConnStats {
+    /// Every statistic, described once for /metrics and /stats.
+    pub fn fields(&self) -> [Field; 4] {
+        let field = |name, help, kind, value| Field {
+            name,
+            help,
+            kind,
+            value,
+        };
+        [
+            field(
+                "http_conns_refused",
+                "HTTP connections accepted and closed at once because the process was out of file descriptors",
+                FieldKind::Counter,
+                self.refused.load(Ordering::Relaxed),
+            ),
+            field(
+                "http_pending_rejected",
+                "HTTP requests answered 503 because partial requests held the whole pending budget",
+                FieldKind::Counter,
+                self.over_budget.load(Ordering::Relaxed),
+            ),
+            field(
+                "http_pending_bytes",
+                "Bytes buffered by partial HTTP requests now",
+                FieldKind::Gauge,
+                self.pending.used(),
+            ),
+            field(
+                "http_pending_limit_bytes",
+                "Most bytes partial HTTP requests may buffer together (--http-max-pending)",
+                FieldKind::Gauge,
+                self.pending.limit(),
+            ),
+        ]
+    }
+}
+
 /// Everything the endpoints need.
 pub struct AppState {
     pub started: Instant,
@@ -104,6 +219,8 @@ pub struct AppState {
     pub http: HttpMetrics,
     /// Statistics of counter updates made over HTTP (POST /counter).
     pub http_counter_stats: WorkerStats,
+    /// The HTTP server's connection statistics and pending-bytes budget.
+    pub http_conns: HttpConnStats,
 }
 
 impl AppState {
@@ -123,6 +240,7 @@ impl AppState {
             readiness: Readiness::default(),
             http: HttpMetrics::default(),
             http_counter_stats: WorkerStats::default(),
+            http_conns: HttpConnStats::default(),
         }
     }
 }
