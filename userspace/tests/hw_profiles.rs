@@ -1,5 +1,6 @@
 //! Hardware profiles: every shipped profile parses; the veth-lab profile passes `hw check` on a lab
-//! after `hw apply`, and `hw revert` restores what it changed; `serve --profile` takes its layout.
+//! after `hw apply`, and `hw revert` restores what it changed; an apply that fails half way leaves a
+//! state file that `hw revert` restores; `serve --profile` takes its layout.
 
 mod common;
 
@@ -33,6 +34,59 @@ fn unknown_fields_and_impossible_layouts_are_rejected() {
     assert!(format!("{:#}", Profile::parse(&beyond).unwrap_err()).contains("beyond"));
     let overlap = base.replace("housekeeping_cpus = [0]", "housekeeping_cpus = [1]");
     assert!(format!("{:#}", Profile::parse(&overlap).unwrap_err()).contains("housekeeping"));
+    for bad in ["", "..", "../../tmp", "eth0:1", "a b", "sixteen-bytes-xx"] {
+        let named = base.replace("name = \"veth-srv\"", &format!("name = {bad:?}"));
+        assert!(
+            format!("{:#}", Profile::parse(&named).unwrap_err())
+                .contains("not a Linux interface name"),
+            "{bad:?} is refused"
+        );
+    }
+}
+
+/// `ricochet hw ARGS` on the real root (default) or a fake tree (`--root`); (success, stdout + stderr).
+fn hw_cli(args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN).arg("hw").args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn an_apply_that_fails_half_way_can_be_reverted() {
+    // A fake tree where napi_defer_hard_irqs can be set but gro_flush_timeout cannot be read.
+    let root = temp_path("hw-half-way");
+    let _ = std::fs::remove_dir_all(&root);
+    let net = root.join("sys/class/net/veth-srv");
+    std::fs::create_dir_all(net.join("queues/rx-0")).unwrap();
+    std::fs::create_dir_all(net.join("queues/rx-1")).unwrap();
+    std::fs::write(net.join("napi_defer_hard_irqs"), "0\n").unwrap();
+    std::fs::create_dir_all(net.join("gro_flush_timeout")).unwrap();
+    let profile = format!("{PROFILES}/veth-lab.toml");
+    let root_arg = root.to_str().unwrap();
+    let (ok, out) = hw_cli(&[
+        "apply",
+        &profile,
+        "--state",
+        "/state.json",
+        "--root",
+        root_arg,
+    ]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("1 change(s) were made before the failure")
+            && out.contains("napi_defer_hard_irqs (was 0)")
+            && out.contains("ricochet hw revert --state"),
+        "apply says what it changed and how to undo it: {out}"
+    );
+    let knob = || std::fs::read_to_string(net.join("napi_defer_hard_irqs")).unwrap();
+    assert_eq!(knob().trim(), "2", "the change made before the failure");
+    let (ok, out) = hw_cli(&["revert", "--state", "/state.json", "--root", root_arg]);
+    assert!(ok && out.contains("reverted 1 change(s)"), "{out}");
+    assert_eq!(knob().trim(), "0", "revert restored it");
+    assert!(!root.join("state.json").exists());
+    let _ = std::fs::remove_dir_all(&root);
 }
 
 /// The veth-lab profile with the interface renamed to a test lab's.

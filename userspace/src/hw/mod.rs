@@ -2,17 +2,18 @@
 //! under a root directory (`/` normally; a fake tree in tests); queue counts and flow rules change
 //! through `ethtool`, which only runs against the real root.
 
+mod apply;
 pub mod profile;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use anyhow::{bail, Result};
 
+pub use apply::{apply, revert, Change, Journal, Saved};
+use profile::BusyPollMode;
 pub use profile::Profile;
-use profile::{BusyPollMode, Steering};
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum HwCommand {
@@ -61,36 +62,11 @@ pub fn run(command: HwCommand) -> Result<()> {
         } => {
             let profile = Profile::load(&profile)?;
             let machine = Machine::new(root);
-            let saved = apply(&profile, &machine)?;
-            let state = machine.path(&state);
-            if let Some(dir) = state.parent() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("cannot create {}", dir.display()))?;
-            }
-            std::fs::write(&state, serde_json::to_vec_pretty(&saved)?).with_context(|| {
-                format!("cannot save the previous values to {}", state.display())
-            })?;
-            println!(
-                "applied; previous values saved to {} ('ricochet hw revert' restores them)",
-                state.display()
-            );
-            Ok(())
+            apply::apply_command(&profile, &machine, &machine.path(&state))
         }
         HwCommand::Revert { state, root } => {
             let machine = Machine::new(root);
-            let state = machine.path(&state);
-            let text = std::fs::read(&state).with_context(|| {
-                format!(
-                    "nothing to revert: {} does not exist (run 'ricochet hw apply' first)",
-                    state.display()
-                )
-            })?;
-            let saved: Saved =
-                serde_json::from_slice(&text).context("the saved state is damaged")?;
-            revert(&saved, &machine)?;
-            std::fs::remove_file(&state)?;
-            println!("reverted {} change(s)", saved.changes.len());
-            Ok(())
+            apply::revert_command(&machine, &machine.path(&state))
         }
     }
 }
@@ -154,38 +130,21 @@ impl Machine {
         )
     }
 
-    /// The IRQ of each queue: /proc/interrupts lines naming the interface, queue = the name's last number.
+    /// The IRQs of the interface's queues as (queue, IRQ) pairs: the /proc/interrupts lines whose
+    /// name has the interface as a whole token (see [`irq_queue`]). A queue can have two (separate
+    /// RX and TX interrupts).
     pub fn queue_irqs(&self, iface: &str) -> Vec<(u32, u32)> {
         let Some(text) = self.read("/proc/interrupts") else {
             return Vec::new();
         };
-        let mut out = Vec::new();
-        for line in text.lines() {
-            let Some((irq, rest)) = line.trim_start().split_once(':') else {
-                continue;
-            };
-            let Ok(irq) = irq.trim().parse::<u32>() else {
-                continue;
-            };
-            let Some(name) = rest.split_whitespace().last() else {
-                continue;
-            };
-            if !name.contains(iface) {
-                continue;
-            }
-            let digits: String = name
-                .chars()
-                .rev()
-                .take_while(|c| c.is_ascii_digit())
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            if let Ok(queue) = digits.parse::<u32>() {
-                out.push((queue, irq));
-            }
-        }
-        out
+        text.lines()
+            .filter_map(|line| {
+                let (irq, rest) = line.trim_start().split_once(':')?;
+                let irq = irq.trim().parse::<u32>().ok()?;
+                let name = rest.split_whitespace().last()?;
+                Some((irq_queue(name, iface)?, irq))
+            })
+            .collect()
     }
 
     pub fn online_cpus(&self) -> Vec<usize> {
@@ -194,6 +153,30 @@ impl Machine {
             .map(|l| l.0.into_iter().map(|c| c.0).collect())
             .unwrap_or_default()
     }
+}
+
+/// The queue an interrupt serves when its name (the last column of /proc/interrupts) names the
+/// interface as a whole token, between separators (`-`, `@`, `:`, `_`) or the ends of the name: the
+/// number that ends the rest of the name. `ice-eth0-TxRx-3`, `eth0-TxRx-3` and `i40e-eth0-TxRx-3`
+/// are eth0's queue 3; `eth10-TxRx-3` is not eth1's; `eth0` alone (a link interrupt) is no queue's.
+/// mlx5 (`mlx5_comp3@pci:...`) and virtio (`virtio0-input.0`) do not name the interface at all.
+pub fn irq_queue(name: &str, iface: &str) -> Option<u32> {
+    const SEPARATORS: &[char] = &['-', '@', ':', '_'];
+    if iface.is_empty() {
+        return None;
+    }
+    let (at, _) = name.match_indices(iface).find(|&(at, _)| {
+        let before = name[..at].chars().next_back();
+        let after = name[at + iface.len()..].chars().next();
+        before.is_none_or(|c| SEPARATORS.contains(&c))
+            && after.is_none_or(|c| SEPARATORS.contains(&c))
+    })?;
+    let rest = &name[at + iface.len()..];
+    let digits = rest.len() - rest.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    if digits == 0 {
+        return None;
+    }
+    rest[rest.len() - digits..].parse().ok()
 }
 
 /// One line of `hw check`.
@@ -246,13 +229,25 @@ pub fn check(p: &Profile, m: &Machine) -> Vec<CheckRow> {
     let irqs = m.queue_irqs(iface);
     for q in &p.queues {
         let Some(want) = q.irq_cpu else { continue };
-        let irq = irqs
-            .iter()
-            .find(|(queue, _)| *queue == q.id)
-            .map(|(_, irq)| *irq);
-        let actual = irq.and_then(|irq| m.read(&format!("/proc/irq/{irq}/smp_affinity_list")));
-        let ok = actual.as_deref() == Some(want.to_string().as_str());
-        rows.push(row(format!("queue {} IRQ CPU", q.id), want, actual, ok));
+        let mut found = irqs.iter().filter(|(queue, _)| *queue == q.id).peekable();
+        if found.peek().is_none() {
+            rows.push(row(
+                format!("queue {} IRQ CPU", q.id),
+                want,
+                None::<String>,
+                false,
+            ));
+        }
+        for (_, irq) in found {
+            let actual = m.read(&format!("/proc/irq/{irq}/smp_affinity_list"));
+            let ok = actual.as_deref() == Some(want.to_string().as_str());
+            rows.push(row(
+                format!("queue {} IRQ {irq} CPU", q.id),
+                want,
+                actual,
+                ok,
+            ));
+        }
     }
     let knob = |name: &str, want: u64, rows: &mut Vec<CheckRow>| {
         let actual = m.read(&m.net(iface, name));
@@ -326,179 +321,32 @@ pub fn render(rows: &[CheckRow]) -> String {
     out
 }
 
-/// What `hw apply` changed, to be undone by `hw revert`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Saved {
-    pub interface: String,
-    pub changes: Vec<Change>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Change {
-    /// A sysfs or procfs file and its previous content.
-    File { path: String, previous: String },
-    /// `ethtool -L IF combined N` from this previous count.
-    Channels { previous: u32 },
-    /// An `ethtool -N` rule to delete.
-    NtupleRule { id: u32 },
-}
-
-fn ethtool(args: &[&str]) -> Result<String> {
-    let out = Command::new("ethtool")
-        .args(args)
-        .output()
-        .context("cannot run ethtool (apt-get install ethtool)")?;
-    if !out.status.success() {
-        bail!(
-            "ethtool {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).to_string())
-}
-
-/// Applies the profile. On a fake root, ethtool steps are reported and skipped.
-pub fn apply(p: &Profile, m: &Machine) -> Result<Saved> {
-    let iface = &p.interface.name;
-    if !m.exists(iface) {
-        bail!("no interface named '{iface}' (list them with 'ip link')");
-    }
-    let mut saved = Saved {
-        interface: iface.clone(),
-        changes: Vec::new(),
-    };
-    let current = m.channels(iface).unwrap_or(0);
-    if current != p.interface.channels {
-        if m.is_real() {
-            ethtool(&["-L", iface, "combined", &p.interface.channels.to_string()]).with_context(|| {
-                format!("{iface} cannot be set to {} channels (veth queues are fixed when the pair is created)", p.interface.channels)
-            })?;
-            saved.changes.push(Change::Channels { previous: current });
-        } else {
-            println!(
-                "skipped on a fake root: ethtool -L {iface} combined {}",
-                p.interface.channels
-            );
-        }
-    }
-    if p.interface.steering == Steering::Ntuple {
-        for rule in &p.interface.ntuple {
-            let args = [
-                "-N",
-                iface,
-                "flow-type",
-                "udp4",
-                "dst-port",
-                &rule.udp_port.to_string(),
-                "action",
-                &rule.queue.to_string(),
-            ];
-            if !m.is_real() {
-                println!("skipped on a fake root: ethtool {}", args.join(" "));
-                continue;
-            }
-            let out = ethtool(&args)?;
-            if let Some(id) = out
-                .split_whitespace()
-                .last()
-                .and_then(|w| w.parse::<u32>().ok())
-            {
-                saved.changes.push(Change::NtupleRule { id });
-            }
-        }
-    }
-    let write = |path: String, value: String, saved: &mut Saved| -> Result<()> {
-        let full = m.path(Path::new(&path));
-        let previous = std::fs::read_to_string(&full)
-            .with_context(|| format!("cannot read {}", full.display()))?;
-        if previous.trim() == value {
-            return Ok(());
-        }
-        std::fs::write(&full, &value)
-            .with_context(|| format!("cannot write {value} to {} (root needed)", full.display()))?;
-        saved.changes.push(Change::File {
-            path,
-            previous: previous.trim().to_string(),
-        });
-        Ok(())
-    };
-    let irqs = m.queue_irqs(iface);
-    for q in &p.queues {
-        let Some(cpu) = q.irq_cpu else { continue };
-        let Some((_, irq)) = irqs.iter().find(|(queue, _)| *queue == q.id) else {
-            bail!(
-                "no IRQ found for {iface} queue {} in /proc/interrupts",
-                q.id
-            );
-        };
-        write(
-            format!("/proc/irq/{irq}/smp_affinity_list"),
-            cpu.to_string(),
-            &mut saved,
-        )?;
-    }
-    if p.busy_poll.mode == BusyPollMode::Prefer {
-        write(
-            m.net(iface, "napi_defer_hard_irqs"),
-            p.busy_poll.napi_defer_hard_irqs.to_string(),
-            &mut saved,
-        )?;
-        write(
-            m.net(iface, "gro_flush_timeout"),
-            p.busy_poll.gro_flush_timeout_ns.to_string(),
-            &mut saved,
-        )?;
-    }
-    if p.huge_pages > 0 {
-        let current = m
-            .read("/proc/sys/vm/nr_hugepages")
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-        if current < p.huge_pages {
-            write(
-                "/proc/sys/vm/nr_hugepages".into(),
-                p.huge_pages.to_string(),
-                &mut saved,
-            )?;
-        }
-    }
-    Ok(saved)
-}
-
-/// Undoes `apply`, last change first.
-pub fn revert(saved: &Saved, m: &Machine) -> Result<()> {
-    for change in saved.changes.iter().rev() {
-        match change {
-            Change::File { path, previous } => {
-                let full = m.path(Path::new(path));
-                std::fs::write(&full, previous)
-                    .with_context(|| format!("cannot restore {}", full.display()))?;
-            }
-            Change::Channels { previous } => {
-                ethtool(&["-L", &saved.interface, "combined", &previous.to_string()])?;
-            }
-            Change::NtupleRule { id } => {
-                ethtool(&["-N", &saved.interface, "delete", &id.to_string()])?;
-            }
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod test {
     use super::*;
 
-    /// A fake sysfs/procfs tree for an ice NIC eth0 with 4 queues.
+    /// A fake sysfs/procfs tree: 8 CPUs online, no huge pages, and an ice NIC eth0 with 4 queues
+    /// whose IRQs 40-43 may run on CPUs 0-3.
     fn fake_tree() -> tempdir::TempTree {
         let t = tempdir::TempTree::new();
-        let net = t.root.join("sys/class/net/eth0");
-        for q in 0..4 {
+        std::fs::create_dir_all(t.root.join("sys/bus/pci/drivers/ice")).unwrap();
+        std::fs::create_dir_all(t.root.join("proc/sys/vm")).unwrap();
+        std::fs::write(t.root.join("proc/sys/vm/nr_hugepages"), "0\n").unwrap();
+        std::fs::create_dir_all(t.root.join("sys/devices/system/cpu")).unwrap();
+        std::fs::write(t.root.join("sys/devices/system/cpu/online"), "0-7\n").unwrap();
+        let interrupts =
+            String::from("           CPU0       CPU1\n  1:    0   0   IO-APIC  1-edge  i8042\n");
+        std::fs::write(t.root.join("proc/interrupts"), interrupts).unwrap();
+        add_nic(&t, "eth0", 4, 40);
+        t
+    }
+
+    /// Adds an ice interface with `queues` queues whose IRQs are `first_irq`.. to a fake tree.
+    fn add_nic(t: &tempdir::TempTree, iface: &str, queues: u32, first_irq: u32) {
+        let net = t.root.join("sys/class/net").join(iface);
+        for q in 0..queues {
             std::fs::create_dir_all(net.join(format!("queues/rx-{q}"))).unwrap();
         }
-        std::fs::create_dir_all(t.root.join("sys/bus/pci/drivers/ice")).unwrap();
         std::fs::create_dir_all(net.join("device")).unwrap();
         std::os::unix::fs::symlink(
             t.root.join("sys/bus/pci/drivers/ice"),
@@ -507,27 +355,17 @@ mod test {
         .unwrap();
         std::fs::write(net.join("napi_defer_hard_irqs"), "0\n").unwrap();
         std::fs::write(net.join("gro_flush_timeout"), "0\n").unwrap();
-        std::fs::create_dir_all(t.root.join("proc/sys/vm")).unwrap();
-        std::fs::write(t.root.join("proc/sys/vm/nr_hugepages"), "0\n").unwrap();
-        let mut interrupts =
-            String::from("           CPU0       CPU1\n  1:    0   0   IO-APIC  1-edge  i8042\n");
-        for q in 0..4 {
+        let mut interrupts = std::fs::read_to_string(t.root.join("proc/interrupts")).unwrap();
+        for q in 0..queues {
+            let irq = first_irq + q;
             interrupts.push_str(&format!(
-                " {}:   10   20   PCI-MSI  ice-eth0-TxRx-{q}\n",
-                40 + q
+                " {irq}:   10   20   PCI-MSI  {irq}-edge  ice-{iface}-TxRx-{q}\n"
             ));
-            std::fs::create_dir_all(t.root.join(format!("proc/irq/{}", 40 + q))).unwrap();
-            std::fs::write(
-                t.root
-                    .join(format!("proc/irq/{}/smp_affinity_list", 40 + q)),
-                "0-3\n",
-            )
-            .unwrap();
+            let dir = t.root.join(format!("proc/irq/{irq}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("smp_affinity_list"), "0-3\n").unwrap();
         }
         std::fs::write(t.root.join("proc/interrupts"), interrupts).unwrap();
-        std::fs::create_dir_all(t.root.join("sys/devices/system/cpu")).unwrap();
-        std::fs::write(t.root.join("sys/devices/system/cpu/online"), "0-7\n").unwrap();
-        t
     }
 
     /// Temporary directories removed on drop (no crate for a dozen lines).
@@ -556,23 +394,32 @@ mod test {
         }
     }
 
-    fn e810() -> Profile {
+    /// The E810 profile cut down to `iface` with 4 queues.
+    fn e810(iface: &str) -> Profile {
         let text = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../hw-profiles/intel-e810-ice.toml"
         ))
         .unwrap();
-        Profile::parse(&text).unwrap()
+        let mut p = Profile::parse(&text).unwrap();
+        p.interface.name = iface.into();
+        p.interface.channels = 4;
+        p.queues.retain(|q| q.id < 4);
+        p
+    }
+
+    fn read(t: &tempdir::TempTree, path: &str) -> String {
+        std::fs::read_to_string(t.root.join(path))
+            .unwrap()
+            .trim()
+            .to_string()
     }
 
     #[test]
     fn check_apply_check_revert_on_a_fake_tree() {
         let t = fake_tree();
         let m = Machine::new(t.root.clone());
-        let mut p = e810();
-        p.interface.name = "eth0".into();
-        p.interface.channels = 4;
-        p.queues.retain(|q| q.id < 4);
+        let p = e810("eth0");
         let before = check(&p, &m);
         assert!(
             before.iter().any(|r| !r.ok),
@@ -582,23 +429,180 @@ mod test {
             before.iter().find(|r| r.item == "driver").unwrap().ok,
             "driver read from the sysfs link"
         );
-        let saved = apply(&p, &m).unwrap();
+        let state = t.root.join("run/ricochet/hw-state.json");
+        let mut journal = Journal::create(&state, "eth0").unwrap();
+        apply(&p, &m, &mut journal).unwrap();
         let after = check(&p, &m);
         assert!(after.iter().all(|r| r.ok), "{}", render(&after));
-        revert(&saved, &m).unwrap();
+        let saved = Journal::open(&state).unwrap().saved().clone();
+        assert_eq!(&saved, journal.saved(), "the state file holds every change");
+        assert!(revert(&saved, &m).is_empty());
         assert_eq!(check(&p, &m), before, "revert restores every value");
-        assert_eq!(
-            std::fs::read_to_string(t.root.join("proc/irq/40/smp_affinity_list")).unwrap(),
-            "0-3"
+        assert_eq!(read(&t, "proc/irq/40/smp_affinity_list"), "0-3");
+        assert!(
+            revert(&saved, &m).is_empty(),
+            "reverting twice finds nothing left to do"
         );
+    }
+
+    #[test]
+    fn a_failure_half_way_leaves_a_state_file_that_revert_restores() {
+        let t = fake_tree();
+        let m = Machine::new(t.root.clone());
+        let p = e810("eth0");
+        // The last file apply sets cannot be read: the four IRQs and napi_defer_hard_irqs are
+        // already changed when it fails.
+        let gro = t.root.join("sys/class/net/eth0/gro_flush_timeout");
+        std::fs::remove_file(&gro).unwrap();
+        std::fs::create_dir(&gro).unwrap();
+        let state = t.root.join("run/ricochet/hw-state.json");
+        let error = apply::apply_command(&p, &m, &state).unwrap_err();
+        let message = format!("{error:#}");
+        assert!(
+            message.contains("5 change(s) were made before the failure")
+                && message.contains("/proc/irq/40/smp_affinity_list (was 0-3)")
+                && message.contains("ricochet hw revert --state"),
+            "{message}"
+        );
+        assert_eq!(read(&t, "proc/irq/43/smp_affinity_list"), "5");
+        assert_eq!(read(&t, "sys/class/net/eth0/napi_defer_hard_irqs"), "2");
+        let saved = Journal::open(&state).unwrap().saved().clone();
+        assert_eq!(saved.changes.len(), 5, "{saved:?}");
+        apply::revert_command(&m, &state).unwrap();
+        for irq in 40..44 {
+            assert_eq!(
+                read(&t, &format!("proc/irq/{irq}/smp_affinity_list")),
+                "0-3"
+            );
+        }
+        assert_eq!(read(&t, "sys/class/net/eth0/napi_defer_hard_irqs"), "0");
+        assert!(!state.exists(), "a complete revert removes the state file");
+    }
+
+    #[test]
+    fn a_failure_before_any_change_leaves_no_state_file() {
+        let t = fake_tree();
+        let m = Machine::new(t.root.clone());
+        let mut p = e810("eth0");
+        p.queues[0].irq_cpu = Some(4);
+        std::fs::write(
+            t.root.join("proc/interrupts"),
+            "  1:  0  0  IO-APIC  i8042\n",
+        )
+        .unwrap();
+        let state = t.root.join("run/ricochet/hw-state.json");
+        let error = apply::apply_command(&p, &m, &state).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("nothing was changed"),
+            "{error:#}"
+        );
+        assert!(!state.exists());
+    }
+
+    #[test]
+    fn a_second_apply_is_refused_while_the_first_is_in_effect() {
+        let t = fake_tree();
+        let m = Machine::new(t.root.clone());
+        let p = e810("eth0");
+        let state = t.root.join("run/ricochet/hw-state.json");
+        apply::apply_command(&p, &m, &state).unwrap();
+        let first = std::fs::read(&state).unwrap();
+        let error = apply::apply_command(&p, &m, &state).unwrap_err();
+        assert!(format!("{error:#}").contains("still applied"), "{error:#}");
+        assert_eq!(
+            std::fs::read(&state).unwrap(),
+            first,
+            "the original values are kept"
+        );
+        apply::revert_command(&m, &state).unwrap();
+        assert_eq!(read(&t, "proc/irq/41/smp_affinity_list"), "0-3");
+    }
+
+    #[test]
+    fn revert_keeps_what_it_could_not_restore() {
+        let t = fake_tree();
+        let m = Machine::new(t.root.clone());
+        let p = e810("eth0");
+        let state = t.root.join("run/ricochet/hw-state.json");
+        apply::apply_command(&p, &m, &state).unwrap();
+        let knob = t.root.join("sys/class/net/eth0/napi_defer_hard_irqs");
+        std::fs::remove_file(&knob).unwrap();
+        std::fs::create_dir(&knob).unwrap();
+        let error = apply::revert_command(&m, &state).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("1 of 7 change(s) could not be restored"),
+            "{error:#}"
+        );
+        assert_eq!(
+            read(&t, "proc/irq/40/smp_affinity_list"),
+            "0-3",
+            "the rest is restored"
+        );
+        let left = Journal::open(&state).unwrap().saved().changes.clone();
+        assert_eq!(left.len(), 1);
+        assert!(
+            left[0].to_string().contains("napi_defer_hard_irqs"),
+            "{left:?}"
+        );
+        std::fs::remove_dir(&knob).unwrap();
+        std::fs::write(&knob, "2").unwrap();
+        apply::revert_command(&m, &state).unwrap();
+        assert_eq!(read(&t, "sys/class/net/eth0/napi_defer_hard_irqs"), "0");
+    }
+
+    #[test]
+    fn irq_names_match_the_interface_as_a_whole_token() {
+        assert_eq!(irq_queue("ice-eth0-TxRx-3", "eth0"), Some(3));
+        assert_eq!(irq_queue("eth0-TxRx-12", "eth0"), Some(12));
+        assert_eq!(irq_queue("i40e-eth1-TxRx-2", "eth1"), Some(2));
+        assert_eq!(irq_queue("eth0-rx-1", "eth0"), Some(1));
+        assert_eq!(irq_queue("eth10-TxRx-0", "eth1"), None);
+        assert_eq!(irq_queue("ice-eth10-TxRx-0", "eth1"), None);
+        assert_eq!(irq_queue("ice-veth1-TxRx-0", "eth1"), None);
+        assert_eq!(irq_queue("ice-eth10-TxRx-7", "eth10"), Some(7));
+        assert_eq!(irq_queue("eth0", "eth0"), None, "a link interrupt");
+        assert_eq!(irq_queue("eth0-TxRx", "eth0"), None);
+        assert_eq!(irq_queue("mlx5_comp3@pci:0000:08:00.0", "eth0"), None);
+        assert_eq!(irq_queue("virtio0-input.0", "eth0"), None);
+        assert_eq!(irq_queue("ice-eth0-TxRx-3", ""), None);
+        assert_eq!(
+            irq_queue("enp65s0f0np0-TxRx-5", "enp65s0f0np0"),
+            Some(5),
+            "a long predictable name"
+        );
+    }
+
+    #[test]
+    fn eth1_never_takes_eth10s_irqs() {
+        let t = fake_tree();
+        add_nic(&t, "eth10", 4, 60);
+        add_nic(&t, "eth1", 4, 50);
+        let m = Machine::new(t.root.clone());
+        let mut eth1 = m.queue_irqs("eth1");
+        eth1.sort_unstable();
+        assert_eq!(eth1, [(0, 50), (1, 51), (2, 52), (3, 53)]);
+        let state = t.root.join("run/ricochet/hw-state.json");
+        apply::apply_command(&e810("eth1"), &m, &state).unwrap();
+        for irq in 50..54 {
+            assert_ne!(
+                read(&t, &format!("proc/irq/{irq}/smp_affinity_list")),
+                "0-3"
+            );
+        }
+        for irq in 60..64 {
+            assert_eq!(
+                read(&t, &format!("proc/irq/{irq}/smp_affinity_list")),
+                "0-3",
+                "eth10's IRQ {irq} is left alone"
+            );
+        }
     }
 
     #[test]
     fn check_reports_wrong_driver_and_missing_interface() {
         let t = fake_tree();
         let m = Machine::new(t.root.clone());
-        let mut p = e810();
-        p.interface.name = "eth0".into();
+        let mut p = e810("eth0");
         p.interface.driver = "mlx5_core".into();
         let rows = check(&p, &m);
         let driver = rows.iter().find(|r| r.item == "driver").unwrap();
@@ -607,6 +611,8 @@ mod test {
         let rows = check(&p, &m);
         assert_eq!(rows.len(), 1);
         assert!(!rows[0].ok);
-        assert!(apply(&p, &m).is_err());
+        let state = t.root.join("run/ricochet/hw-state.json");
+        assert!(apply::apply_command(&p, &m, &state).is_err());
+        assert!(!state.exists());
     }
 }

@@ -215,6 +215,17 @@ impl Profile {
 
     /// Checks what the schema alone cannot.
     fn validate(&self) -> Result<()> {
+        let name = &self.interface.name;
+        // The kernel's dev_valid_name(): the name also becomes a path under /sys/class/net.
+        if name.is_empty()
+            || name.len() > 15
+            || name == "."
+            || name == ".."
+            || name.contains(['/', ':'])
+            || name.chars().any(char::is_whitespace)
+        {
+            bail!("interface.name {name:?} is not a Linux interface name (1 to 15 bytes, no '/', ':' or white space)");
+        }
         if self.queues.is_empty() {
             bail!("a profile lists at least one [[queue]]");
         }
