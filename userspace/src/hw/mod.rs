@@ -226,29 +226,7 @@ pub fn check(p: &Profile, m: &Machine) -> Vec<CheckRow> {
         channels,
         channels == Some(p.interface.channels),
     ));
-    let irqs = m.queue_irqs(iface);
-    for q in &p.queues {
-        let Some(want) = q.irq_cpu else { continue };
-        let mut found = irqs.iter().filter(|(queue, _)| *queue == q.id).peekable();
-        if found.peek().is_none() {
-            rows.push(row(
-                format!("queue {} IRQ CPU", q.id),
-                want,
-                None::<String>,
-                false,
-            ));
-        }
-        for (_, irq) in found {
-            let actual = m.read(&format!("/proc/irq/{irq}/smp_affinity_list"));
-            let ok = actual.as_deref() == Some(want.to_string().as_str());
-            rows.push(row(
-                format!("queue {} IRQ {irq} CPU", q.id),
-                want,
-                actual,
-                ok,
-            ));
-        }
-    }
+    check_irqs(p, m, &mut rows);
     let knob = |name: &str, want: u64, rows: &mut Vec<CheckRow>| {
         let actual = m.read(&m.net(iface, name));
         let ok = actual.as_deref().and_then(|a| a.parse::<u64>().ok()) == Some(want);
@@ -274,6 +252,39 @@ pub fn check(p: &Profile, m: &Machine) -> Vec<CheckRow> {
             .is_some_and(|n| n >= p.huge_pages);
         rows.push(row("nr_hugepages (at least)", p.huge_pages, actual, ok));
     }
+    rows.push(check_cpus(p, m));
+    rows
+}
+
+/// One row per IRQ of each queue the profile pins (a missing IRQ is a failed row).
+fn check_irqs(p: &Profile, m: &Machine, rows: &mut Vec<CheckRow>) {
+    let irqs = m.queue_irqs(&p.interface.name);
+    for q in &p.queues {
+        let Some(want) = q.irq_cpu else { continue };
+        let mut found = irqs.iter().filter(|(queue, _)| *queue == q.id).peekable();
+        if found.peek().is_none() {
+            rows.push(row(
+                format!("queue {} IRQ CPU", q.id),
+                want,
+                None::<String>,
+                false,
+            ));
+        }
+        for (_, irq) in found {
+            let actual = m.read(&format!("/proc/irq/{irq}/smp_affinity_list"));
+            let ok = actual.as_deref() == Some(want.to_string().as_str());
+            rows.push(row(
+                format!("queue {} IRQ {irq} CPU", q.id),
+                want,
+                actual,
+                ok,
+            ));
+        }
+    }
+}
+
+/// Every CPU the profile names (workers, housekeeping, IRQs) is online.
+fn check_cpus(p: &Profile, m: &Machine) -> CheckRow {
     let online = m.online_cpus();
     let mut wanted: Vec<usize> = p.worker_cpus();
     wanted.extend(&p.housekeeping_cpus);
@@ -290,7 +301,7 @@ pub fn check(p: &Profile, m: &Machine) -> Vec<CheckRow> {
         .map(|c| c.to_string())
         .collect::<Vec<_>>()
         .join(",");
-    rows.push(row(
+    row(
         "CPUs online",
         wanted
             .iter()
@@ -299,8 +310,7 @@ pub fn check(p: &Profile, m: &Machine) -> Vec<CheckRow> {
             .join(","),
         Some(online_text),
         missing.is_empty(),
-    ));
-    rows
+    )
 }
 
 pub fn render(rows: &[CheckRow]) -> String {
