@@ -4,6 +4,8 @@
 //! would steer shows up as PASS with the `no_socket` counter moved, while a frame for the kernel moves
 //! `passed` and an impossible request is XDP_DROP with its reason counted.
 
+mod common;
+
 use etherparse::{PacketBuilder, VlanId};
 use ricochet::core::Protocol;
 use ricochet::xdp::action::{DROP, PASS};
@@ -16,8 +18,7 @@ const SERVER: [u8; 4] = [198, 18, 0, 1];
 const CLIENT: [u8; 4] = [198, 18, 0, 2];
 
 fn program() -> Option<XdpProgram> {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP: loading XDP programs needs root");
+    if !common::require_root("loading XDP programs") {
         return None;
     }
     let listeners = vec![

@@ -3,6 +3,8 @@
 //! independently by etherparse) or dropped for its reason, and the shared counter map advances by
 //! exactly the increments.
 
+mod common;
+
 use etherparse::PacketBuilder;
 use ricochet::core::{Counter, Protocol};
 use ricochet::wire::CounterRepr;
@@ -19,8 +21,7 @@ const SERVER6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
 const CLIENT6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 
 fn responder() -> Option<XdpProgram> {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP: loading XDP programs needs root");
+    if !common::require_root("loading XDP programs") {
         return None;
     }
     let listeners = vec![
