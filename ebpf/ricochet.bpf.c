@@ -7,8 +7,9 @@
  *
  * Both listener programs parse Ethernet (up to two VLAN tags), IPv4 without options and IPv6 without
  * extension headers, then UDP; everything else goes to the kernel untouched. A frame for a listener
- * that cannot hold a valid request (wrong payload length for the protocol, truncated, first
- * fragment; for the responder also a bad hash) is dropped and counted by reason, never answered.
+ * that cannot hold a valid request (first fragment, truncated, source port 0, wrong payload length
+ * for the protocol; for the responder also a bad hash) is dropped and counted by reason, never
+ * answered. The responder passes datagrams longer than RESPONDER_MAX_UDP_LEN to the kernel.
  * Minimum kernel: 5.12 (BPF atomic fetch-and-add; BPF link attach needs 5.9), written for 5.15+.
  */
 #include <linux/bpf.h>
@@ -114,6 +115,9 @@ static __always_inline int check_udp(struct cursor *c, struct udphdr *udp, void 
 	__u16 udp_len = bpf_ntohs(udp->len);
 	if (ip_payload_end > c->end || udp_len < sizeof(*udp) || (void *)udp + udp_len > ip_payload_end)
 		return STAT_DROP_TRUNCATED;
+	/* No reply can be addressed to port 0 (the kernel's sendto refuses it too). */
+	if (udp->source == 0)
+		return STAT_DROP_ZERO_SOURCE_PORT;
 	__u16 payload = udp_len - sizeof(*udp);
 	if (listener->protocol == PROTO_COUNTER && payload != 16)
 		return STAT_DROP_WRONG_LENGTH;

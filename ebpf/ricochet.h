@@ -37,8 +37,16 @@ enum xdp_stat {
 	STAT_DROP_FRAGMENT = 6,  /* first fragment of a fragmented datagram for a listener */
 	STAT_TX = 7,             /* answered in the XDP program (XDP_TX) */
 	STAT_DROP_BAD_HASH = 8,  /* counter frame whose hash does not match its value (responder only) */
-	STAT_COUNT = 9,
+	STAT_DROP_ZERO_SOURCE_PORT = 9, /* UDP source port 0: no reply can be addressed to it */
+	STAT_PASSED_TOO_LONG = 10, /* longer than RESPONDER_MAX_UDP_LEN: passed to the kernel (responder only) */
+	STAT_COUNT = 11,
 };
+
+/* The longest UDP datagram (header included) the responder answers itself. Without multi-buffer
+ * support a frame in native XDP lives in one page, so on 4 KiB pages no datagram it holds is longer
+ * (veth refuses native XDP above an MTU of about 3,500). A longer datagram (generic XDP with a large
+ * MTU) goes to the kernel, whose socket path answers it. */
+#define RESPONDER_MAX_UDP_LEN 4096
 
 /* The global counter: one u64 in a BPF_F_MMAPABLE array, shared with userspace by mmap. */
 struct counter_value {

@@ -16,6 +16,7 @@ const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
 const SERVER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const SERVER: [u8; 4] = [198, 18, 0, 1];
 const CLIENT: [u8; 4] = [198, 18, 0, 2];
+const SERVER6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 fn program() -> Option<XdpProgram> {
     if !common::require_root("loading XDP programs") {
@@ -34,10 +35,14 @@ fn program() -> Option<XdpProgram> {
 }
 
 fn udp4(port: u16, payload: &[u8]) -> Vec<u8> {
+    udp4_from(40000, port, payload)
+}
+
+fn udp4_from(source_port: u16, port: u16, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     PacketBuilder::ethernet2(CLIENT_MAC, SERVER_MAC)
         .ipv4(CLIENT, SERVER, 64)
-        .udp(40000, port)
+        .udp(source_port, port)
         .write(&mut out, payload)
         .unwrap();
     out
@@ -266,4 +271,44 @@ fn truncated_frames_are_never_steered() {
     let mut lying = full.clone();
     lying.truncate(full.len() - 4);
     assert_eq!(run(&mut prog, &lying), (DROP, XdpStat::DropTruncated));
+}
+
+/// Regression (issue 9, item 1): a valid request from UDP source port 0 was steered to userspace. No
+/// reply can be addressed to port 0, so it is dropped in XDP and counted under its own reason.
+#[test]
+fn source_port_zero_is_dropped() {
+    let Some(mut prog) = program() else { return };
+    let counter = ricochet::wire::CounterRepr { value: 1 }.to_bytes();
+    for (port, payload) in [
+        (7777, &counter[..]),
+        (7000, &b"any stimulus"[..]),
+        (11111, &[0u8; 14][..]),
+    ] {
+        assert_eq!(
+            run(&mut prog, &udp4_from(0, port, payload)),
+            (DROP, XdpStat::DropZeroSourcePort),
+            "port {port}"
+        );
+    }
+    let mut v6 = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, SERVER_MAC)
+        .ipv6(
+            [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            SERVER6,
+            64,
+        )
+        .udp(0, 7777)
+        .write(&mut v6, &counter)
+        .unwrap();
+    assert_eq!(run(&mut prog, &v6), (DROP, XdpStat::DropZeroSourcePort));
+    // Not for a listener: still the kernel's, whatever its source port.
+    assert_eq!(
+        run(&mut prog, &udp4_from(0, 7778, &counter)),
+        (PASS, XdpStat::Passed)
+    );
+    // Source port 1 is an ordinary port.
+    assert_eq!(
+        run(&mut prog, &udp4_from(1, 7777, &counter)),
+        (PASS, XdpStat::NoSocket)
+    );
 }

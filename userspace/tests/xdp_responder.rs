@@ -207,3 +207,43 @@ fn other_traffic_still_passes() {
         (ricochet::xdp::action::PASS, XdpStat::Passed)
     );
 }
+
+/// Regression (issue 9, item 1): a valid request from UDP source port 0 was answered with XDP_TX (to
+/// port 0) and applied to the counter. It is dropped under its own reason and changes nothing.
+#[test]
+fn source_port_zero_is_never_answered() {
+    let Some(mut prog) = responder() else { return };
+    let counter = prog.counter().unwrap();
+    let from_port_zero = |port: u16, payload: &[u8]| {
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, SERVER_MAC)
+            .ipv4(CLIENT, SERVER, 64)
+            .udp(0, port)
+            .write(&mut out, payload)
+            .unwrap();
+        out
+    };
+    let mut ping = [0u8; 14];
+    ping[9] = 0x01;
+    for (port, payload) in [
+        (7777, &CounterRepr { value: 5 }.to_bytes()[..]),
+        (7000, &b"echo me"[..]),
+        (11111, &ping[..]),
+    ] {
+        let (verdict, _, stat) = run(&mut prog, &from_port_zero(port, payload));
+        assert_eq!(
+            (verdict, stat),
+            (DROP, XdpStat::DropZeroSourcePort),
+            "port {port}"
+        );
+    }
+    let mut v6 = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, SERVER_MAC)
+        .ipv6(CLIENT6, SERVER6, 64)
+        .udp(0, 7777)
+        .write(&mut v6, &CounterRepr { value: 5 }.to_bytes())
+        .unwrap();
+    let (verdict, _, stat) = run(&mut prog, &v6);
+    assert_eq!((verdict, stat), (DROP, XdpStat::DropZeroSourcePort));
+    assert_eq!(counter.load(), 0, "a request from port 0 was applied");
+}

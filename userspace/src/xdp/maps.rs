@@ -73,6 +73,10 @@ impl ListenerValue {
     }
 }
 
+/// The longest UDP datagram, header included, the responder answers itself
+/// (`RESPONDER_MAX_UDP_LEN` in ricochet.h); it passes longer ones to the kernel.
+pub const RESPONDER_MAX_UDP_LEN: usize = 4096;
+
 /// Slots of the per-CPU `xdp_stats` array (`enum xdp_stat` in ricochet.h).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum XdpStat {
@@ -85,10 +89,12 @@ pub enum XdpStat {
     DropFragment = 6,
     Tx = 7,
     DropBadHash = 8,
+    DropZeroSourcePort = 9,
+    PassedTooLong = 10,
 }
 
 impl XdpStat {
-    pub const ALL: [XdpStat; 9] = [
+    pub const ALL: [XdpStat; 11] = [
         XdpStat::Steered,
         XdpStat::NoSocket,
         XdpStat::Passed,
@@ -98,6 +104,8 @@ impl XdpStat {
         XdpStat::DropFragment,
         XdpStat::Tx,
         XdpStat::DropBadHash,
+        XdpStat::DropZeroSourcePort,
+        XdpStat::PassedTooLong,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -113,6 +121,8 @@ impl XdpStat {
             XdpStat::DropFragment => "drop_fragment",
             XdpStat::Tx => "tx",
             XdpStat::DropBadHash => "drop_bad_hash",
+            XdpStat::DropZeroSourcePort => "drop_zero_source_port",
+            XdpStat::PassedTooLong => "passed_too_long",
         }
     }
 
@@ -125,7 +135,12 @@ impl XdpStat {
             XdpStat::DropTruncated => Some(DropReason::Truncated),
             XdpStat::DropFragment => Some(DropReason::Fragment),
             XdpStat::DropBadHash => Some(DropReason::BadHash),
-            XdpStat::Steered | XdpStat::NoSocket | XdpStat::Passed | XdpStat::Tx => None,
+            XdpStat::DropZeroSourcePort => Some(DropReason::ZeroSourcePort),
+            XdpStat::Steered
+            | XdpStat::NoSocket
+            | XdpStat::Passed
+            | XdpStat::Tx
+            | XdpStat::PassedTooLong => None,
         }
     }
 }
@@ -168,6 +183,24 @@ mod test {
         }
         let count = HEADER.lines().find(|l| l.contains("STAT_COUNT =")).unwrap();
         assert!(count.contains(&format!("= {},", XdpStat::COUNT)), "{count}");
+    }
+
+    #[test]
+    fn drop_statistics_are_named_after_their_reason() {
+        for stat in XdpStat::ALL {
+            match stat.drop_reason() {
+                Some(reason) => assert_eq!(stat.as_str(), format!("drop_{}", reason.as_str())),
+                None => assert!(!stat.as_str().starts_with("drop_"), "{stat:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn limits_match_the_header() {
+        assert_eq!(
+            define("RESPONDER_MAX_UDP_LEN"),
+            RESPONDER_MAX_UDP_LEN as u64
+        );
     }
 
     #[test]
