@@ -12,6 +12,7 @@ pub mod core;
 pub mod http;
 pub mod hw;
 pub mod kernel;
+pub mod net;
 pub mod serve;
 pub mod spec;
 pub mod stats;

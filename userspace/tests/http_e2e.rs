@@ -429,6 +429,58 @@ fn error_paths() {
     assert!(server.terminate().0);
 }
 
+/// Sends `head`, then one byte of `trickle` every 0.5 s until the server answers or closes, and
+/// returns the status it answered with and how long after the first byte.
+fn trickle(addr: SocketAddr, head: &'static [u8], trickle: &'static [u8]) -> (u16, Duration) {
+    let (mut s, mut r) = connect(addr);
+    let started = Instant::now();
+    s.write_all(head).unwrap();
+    let mut writer = s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for byte in trickle.iter().cycle().take(40) {
+            std::thread::sleep(Duration::from_millis(500));
+            if writer.write_all(std::slice::from_ref(byte)).is_err() {
+                return;
+            }
+        }
+    });
+    let status = read_reply(&mut r).status;
+    let elapsed = started.elapsed();
+    drop((s, r));
+    let _ = sender.join();
+    (status, elapsed)
+}
+
+/// Slowloris: the request deadline runs from a request's first byte over its line, headers and
+/// body; bytes trickling in never restart it.
+#[test]
+fn a_request_trickled_byte_by_byte_times_out_on_time() {
+    let server = Server::start(&[
+        "--listen",
+        "udp://127.0.0.1:0",
+        "--http-header-timeout",
+        "2s",
+    ]);
+    let addr = http_addr(&server);
+    // A header that never ends, and a body that never completes, one byte every 0.5 s.
+    let slow_head =
+        std::thread::spawn(move || trickle(addr, b"GET /healthz HTTP/1.1\r\nX-Pad: ", b"abcdefgh"));
+    let slow_body = std::thread::spawn(move || {
+        let head = b"POST /counter HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n";
+        trickle(addr, head, b" ")
+    });
+    for (what, handle) in [("header", slow_head), ("body", slow_body)] {
+        let (status, elapsed) = handle.join().unwrap();
+        assert_eq!(status, 408, "a trickled {what}");
+        // 2 s of deadline, swept once a second.
+        assert!(
+            elapsed < Duration::from_millis(3_800),
+            "a trickled {what} got its 408 after {elapsed:?}"
+        );
+    }
+    assert_eq!(get(addr, "/counter").json()["value"], 0);
+}
+
 #[test]
 fn non_loopback_needs_a_token_and_rate_limit_answers_429() {
     let out = Command::new(BIN)

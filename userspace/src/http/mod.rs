@@ -1,6 +1,8 @@
 //! The HTTP endpoints: health, readiness, Prometheus metrics, the counter API, statistics, CPU
 //! profiles and a live dashboard, served by their own threads off the packet path.
 
+mod connection;
+pub mod pending;
 pub mod profile;
 pub mod request;
 pub mod routes;

@@ -1,33 +1,36 @@
 //! The HTTP/1.1 server: its own worker threads, each an epoll loop over its SO_REUSEPORT listener (or
 //! a share of the Unix listener) and its connections. Keep-alive and pipelining; requests parsed by
-//! the sans-IO parser in request.rs, which enforces the limits on the request head and body;
-//! header-read and idle timeouts; a per-source rate limit; graceful shutdown. An idle connection
-//! holds no buffer.
+//! the sans-IO parser in request.rs, which enforces the limits on the request head and body; a
+//! deadline per request from its first byte, an idle timeout between requests, a process-wide
+//! budget for partial requests (pending.rs), a per-source rate limit, graceful shutdown. An idle
+//! connection holds no buffer.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use slab::Slab;
 
-use super::request::{self, Parse};
-use super::routes::{self, Access, Request, Response, Routed};
+use super::connection::{Conn, HttpDate, Outcome, Responder, Timeouts};
+use super::routes::{self, Access};
 use super::state::AppState;
-use crate::kernel::{self, UnixEndpoint};
+use crate::kernel;
+use crate::net::{Listeners, StreamListener};
 use crate::spec::CpuId;
 use crate::sys;
 
+pub use super::connection::write_response;
 pub use super::request::{MAX_BODY, MAX_HEAD, MAX_HEADERS};
 const READ_CHUNK: usize = 16 * 1024;
 const TOKEN_WAKE: u64 = u64::MAX;
@@ -97,37 +100,17 @@ pub struct HttpServer {
     handles: Vec<JoinHandle<()>>,
 }
 
-enum Listener {
-    Tcp(std::net::TcpListener),
-    Unix(Arc<UnixEndpoint>),
-}
-
 impl HttpServer {
     pub fn start(config: HttpConfig, state: Arc<AppState>) -> Result<HttpServer> {
         let n = config.workers.max(1);
-        let (listeners, bound): (Vec<Listener>, HttpListen) = match &config.listen {
-            HttpListen::Tcp(addr) => {
-                let ls = kernel::bind_tcp_listeners(&format!("--http {addr}"), *addr, n)?;
-                let local = ls[0].local_addr()?;
-                (
-                    ls.into_iter().map(Listener::Tcp).collect(),
-                    HttpListen::Tcp(local),
-                )
-            }
-            HttpListen::Unix(path) => {
-                let endpoint = Arc::new(kernel::bind_unix(
-                    &format!("--http unix://{}", path.display()),
-                    path,
-                )?);
-                (
-                    (0..n).map(|_| Listener::Unix(endpoint.clone())).collect(),
-                    config.listen.clone(),
-                )
-            }
-        };
+        let (listeners, bound) = bind(&config.listen, n)?;
         let limiter: Option<Arc<DefaultKeyedRateLimiter<IpAddr>>> =
             NonZeroU32::new(config.rate_limit)
                 .map(|rate| Arc::new(RateLimiter::keyed(Quota::per_second(rate))));
+        let timeouts = Timeouts {
+            request: config.header_timeout,
+            idle: config.idle_timeout,
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let mut wakes = Vec::new();
         let mut handles = Vec::new();
@@ -136,18 +119,19 @@ impl HttpServer {
                 EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
             )?);
             let worker = HttpWorker {
-                state: state.clone(),
-                access: config.access.clone(),
-                limiter: limiter.clone(),
-                listener: Some(listener),
+                responder: Responder {
+                    state: state.clone(),
+                    access: config.access.clone(),
+                    limiter: limiter.clone(),
+                    date: HttpDate::default(),
+                    metrics: routes::MetricsCache::new(i as u32),
+                },
+                timeouts,
+                listeners: Listeners::new(vec![((), listener)], TOKEN_LISTENER),
                 conns: Slab::new(),
                 wake: wake.clone(),
                 stop: stop.clone(),
-                header_timeout: config.header_timeout,
-                idle_timeout: config.idle_timeout,
                 scratch: vec![0u8; READ_CHUNK].into_boxed_slice(),
-                date: HttpDate::default(),
-                metrics: routes::MetricsCache::new(i as u32),
             };
             let cpu = (!config.cpus.is_empty()).then(|| config.cpus[i % config.cpus.len()]);
             handles.push(
@@ -173,7 +157,13 @@ impl HttpServer {
         })
     }
 
-    /// Stops accepting, lets in-flight requests finish (at most `deadline`), closes everything.
+    /// Whether a worker thread has ended (returned an error or panicked) although no shutdown was
+    /// asked for: the server then answers on fewer threads, or on none.
+    pub fn any_worker_finished(&self) -> bool {
+        !self.stop.load(Ordering::Relaxed) && self.handles.iter().any(|h| h.is_finished())
+    }
+
+    /// Stops accepting, lets in-flight requests finish (at most `SHUTDOWN_GRACE`), closes everything.
     pub fn shutdown(self) {
         self.stop.store(true, Ordering::Relaxed);
         for wake in &self.wakes {
@@ -185,22 +175,30 @@ impl HttpServer {
     }
 }
 
+/// Binds the listener(s): one SO_REUSEPORT TCP socket per worker, or one Unix socket they share.
+fn bind(listen: &HttpListen, n: usize) -> Result<(Vec<StreamListener>, HttpListen)> {
+    match listen {
+        HttpListen::Tcp(addr) => {
+            let ls = kernel::bind_tcp_listeners(&format!("--http {addr}"), *addr, n)?;
+            let local = ls[0].local_addr()?;
+            let listeners = ls.into_iter().map(StreamListener::Tcp).collect();
+            Ok((listeners, HttpListen::Tcp(local)))
+        }
+        HttpListen::Unix(path) => {
+            let label = format!("--http unix://{}", path.display());
+            let endpoint = Arc::new(kernel::bind_unix(&label, path)?);
+            let listeners = (0..n)
+                .map(|_| StreamListener::Unix(endpoint.clone()))
+                .collect();
+            Ok((listeners, listen.clone()))
+        }
+    }
+}
+
 /// How long in-flight requests may take once shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-struct Conn {
-    io: File,
-    /// None for Unix-socket peers (exempt from the per-source limit: they are local).
-    peer: Option<IpAddr>,
-    local: bool,
-    inbuf: Vec<u8>,
-    outbuf: Vec<u8>,
-    /// When the connection times out: header timeout while a request is partly read, idle otherwise.
-    deadline: Instant,
-    close_after_flush: bool,
-    /// Registered for EPOLLOUT (replies waiting) rather than EPOLLIN.
-    writing: bool,
-}
+/// How often connections are checked against their deadlines.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Switches a connection between reading and writing, with a syscall only when that changes.
 fn set_interest(epoll: &Epoll, conn: &mut Conn, key: usize, writing: bool) {
@@ -217,41 +215,24 @@ fn set_interest(epoll: &Epoll, conn: &mut Conn, key: usize, writing: bool) {
     let _ = epoll.modify(conn.io.as_fd(), &mut ev);
 }
 
-/// The Date header value, formatted once per second.
-#[derive(Default)]
-struct HttpDate {
-    second: u64,
-    text: String,
-}
-
-impl HttpDate {
-    fn get(&mut self) -> &str {
-        let now = SystemTime::now();
-        let second = now
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        if second != self.second || self.text.is_empty() {
-            self.second = second;
-            self.text = httpdate::fmt_http_date(now);
-        }
-        &self.text
-    }
-}
-
 struct HttpWorker {
-    state: Arc<AppState>,
-    access: Access,
-    limiter: Option<Arc<DefaultKeyedRateLimiter<IpAddr>>>,
-    listener: Option<Listener>,
+    responder: Responder,
+    timeouts: Timeouts,
+    listeners: Listeners<()>,
     conns: Slab<Conn>,
     wake: Arc<EventFd>,
     stop: Arc<AtomicBool>,
-    header_timeout: Duration,
-    idle_timeout: Duration,
     scratch: Box<[u8]>,
-    date: HttpDate,
-    metrics: routes::MetricsCache,
+}
+
+impl Drop for HttpWorker {
+    /// Gives the budget back what the connections still hold (they close with the worker).
+    fn drop(&mut self) {
+        let budget = &self.responder.state.http_conns.pending;
+        for (_, conn) in self.conns.iter_mut() {
+            conn.partial.release(budget);
+        }
+    }
 }
 
 impl HttpWorker {
@@ -261,66 +242,34 @@ impl HttpWorker {
             self.wake.as_fd(),
             EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_WAKE),
         )?;
-        match self.listener.as_ref().expect("set at start") {
-            Listener::Tcp(l) => epoll.add(
-                l.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTENER),
-            )?,
-            Listener::Unix(u) => epoll.add(
-                u.listener.as_fd(),
-                EpollEvent::new(
-                    EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE,
-                    TOKEN_LISTENER,
-                ),
-            )?,
-        }
+        self.listeners.register(&epoll)?;
         let mut events = vec![EpollEvent::empty(); 256];
         let mut last_sweep = Instant::now();
         let mut shutdown_deadline: Option<Instant> = None;
         loop {
-            let n = match epoll.wait(&mut events, EpollTimeout::from(250u16)) {
+            let timeout = self.listeners.wait_timeout(Some(SWEEP_INTERVAL / 4));
+            let n = match epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => 0,
                 Err(e) => return Err(e.into()),
             };
             for event in &events[..n] {
-                match event.data() {
-                    TOKEN_WAKE => {
-                        let _ = self.wake.read();
-                    }
-                    TOKEN_LISTENER => self.accept(&epoll),
-                    key => {
-                        let key = key as usize;
-                        if event.events().contains(EpollFlags::EPOLLOUT) {
-                            self.flush(&epoll, key);
-                        }
-                        if event.events().intersects(
-                            EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR,
-                        ) {
-                            self.readable(&epoll, key);
-                        }
-                    }
-                }
+                self.dispatch(&epoll, event.data(), event.events());
             }
+            self.listeners.resume_due(&epoll);
             let now = Instant::now();
-            if now.duration_since(last_sweep) >= Duration::from_secs(1) {
+            if now.duration_since(last_sweep) >= SWEEP_INTERVAL {
                 last_sweep = now;
                 self.sweep(&epoll, now);
             }
             if self.stop.load(Ordering::Relaxed) {
                 // Graceful shutdown: stop accepting, let requests in flight finish, then close.
-                if let Some(listener) = self.listener.take() {
-                    let fd = match &listener {
-                        Listener::Tcp(l) => l.as_fd(),
-                        Listener::Unix(u) => u.listener.as_fd(),
-                    };
-                    let _ = epoll.delete(fd);
-                }
+                self.listeners.close(&epoll);
                 let deadline = *shutdown_deadline.get_or_insert(now + SHUTDOWN_GRACE);
                 let busy = self
                     .conns
                     .iter()
-                    .any(|(_, c)| !c.inbuf.is_empty() || !c.outbuf.is_empty());
+                    .any(|(_, c)| !c.partial.is_empty() || !c.outbuf.is_empty());
                 if !busy || now >= deadline {
                     return Ok(());
                 }
@@ -328,75 +277,68 @@ impl HttpWorker {
         }
     }
 
-    fn accept(&mut self, epoll: &Epoll) {
-        for _ in 0..64 {
-            let accepted: io::Result<(OwnedFd, Option<IpAddr>)> = match self.listener.as_ref() {
-                Some(Listener::Tcp(l)) => l.accept().map(|(s, addr)| {
-                    let _ = s.set_nodelay(true);
-                    let _ = s.set_nonblocking(true);
-                    (s.into(), Some(addr.ip()))
-                }),
-                Some(Listener::Unix(u)) => u.listener.accept().map(|(s, _)| {
-                    let _ = s.set_nonblocking(true);
-                    (s.into(), None)
-                }),
-                None => return,
-            };
-            let (fd, peer) = match accepted {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
-            };
-            let entry = self.conns.vacant_entry();
-            let key = entry.key() as u64;
-            if epoll
-                .add(
-                    fd.as_fd(),
-                    EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP, key),
-                )
-                .is_err()
-            {
-                continue;
+    fn dispatch(&mut self, epoll: &Epoll, token: u64, flags: EpollFlags) {
+        if token == TOKEN_WAKE {
+            let _ = self.wake.read();
+        } else if let Some(index) = self.listeners.index_of(token) {
+            self.accept(epoll, index);
+        } else {
+            let key = token as usize;
+            if flags.contains(EpollFlags::EPOLLOUT) {
+                self.flush(epoll, key);
             }
-            entry.insert(Conn {
-                io: File::from(fd),
-                peer,
-                local: peer.is_none_or(|ip| ip.is_loopback()),
-                inbuf: Vec::new(),
-                outbuf: Vec::new(),
-                deadline: Instant::now() + self.idle_timeout,
-                close_after_flush: false,
-                writing: false,
-            });
+            if flags.intersects(EpollFlags::EPOLLIN | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR) {
+                self.readable(epoll, key);
+            }
+        }
+    }
+
+    fn accept(&mut self, epoll: &Epoll, index: usize) {
+        let now = Instant::now();
+        let timeouts = &self.timeouts;
+        let conns = &mut self.conns;
+        let refused = self.listeners.accept(epoll, index, 64, |(), accepted| {
+            let entry = conns.vacant_entry();
+            let interest = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP;
+            let event = EpollEvent::new(interest, entry.key() as u64);
+            if epoll.add(accepted.fd.as_fd(), event).is_ok() {
+                let io = File::from(accepted.fd);
+                entry.insert(Conn::new(io, accepted.peer, timeouts, now));
+            }
+        });
+        if refused > 0 {
+            let stats = &self.responder.state.http_conns;
+            stats.refused.fetch_add(refused, Ordering::Relaxed);
         }
     }
 
     fn close(&mut self, epoll: &Epoll, key: usize) {
-        if let Some(conn) = self.conns.try_remove(key) {
+        if let Some(mut conn) = self.conns.try_remove(key) {
             let _ = epoll.delete(conn.io.as_fd());
+            conn.partial
+                .release(&self.responder.state.http_conns.pending);
         }
     }
 
-    /// Closes connections past their deadline: a partly read request gets 408 first.
+    /// Closes connections past their deadline: a partly received request gets 408 first.
     fn sweep(&mut self, epoll: &Epoll, now: Instant) {
         let expired: Vec<usize> = self
             .conns
             .iter()
-            .filter(|(_, c)| now >= c.deadline)
+            .filter(|(_, c)| now >= c.clock.deadline)
             .map(|(k, _)| k)
             .collect();
         for key in expired {
-            let date = self.date.get().to_string();
             if let Some(conn) = self.conns.get_mut(key) {
-                if !conn.inbuf.is_empty() {
-                    let r = Response::error(408, "the request was not received in time");
-                    write_response(&mut conn.outbuf, &r, false, true, &date);
+                if conn.clock.in_request {
+                    self.responder.time_out(conn);
+                    // One try: a client this slow does not get to hold the connection open longer.
                     let _ = conn.io.write(&conn.outbuf);
                 }
             }
             self.close(epoll, key);
         }
-        if let Some(limiter) = &self.limiter {
+        if let Some(limiter) = &self.responder.limiter {
             limiter.retain_recent();
         }
     }
@@ -410,10 +352,7 @@ impl HttpWorker {
             return;
         }
         let n = match conn.io.read(&mut self.scratch) {
-            Ok(0) => {
-                self.close(epoll, key);
-                return;
-            }
+            Ok(0) => return self.close(epoll, key),
             Ok(n) => n,
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock
@@ -421,100 +360,57 @@ impl HttpWorker {
             {
                 return
             }
-            Err(_) => {
-                self.close(epoll, key);
-                return;
-            }
+            Err(_) => return self.close(epoll, key),
         };
-        conn.inbuf.extend_from_slice(&self.scratch[..n]);
+        let now = Instant::now();
+        let outcome = if conn.partial.is_empty() {
+            // Whole requests in one read are answered from the read buffer: no copy, no
+            // allocation, nothing charged to the pending budget.
+            let input = &self.scratch[..n];
+            let (used, outcome) = self.responder.answer(conn, input);
+            let more = used < n && !conn.close_after_flush;
+            if more && matches!(outcome, Outcome::Continue) {
+                self.responder.keep_partial(conn, &input[used..]);
+            }
+            let partial = !conn.partial.is_empty();
+            self.timeouts.rearm(&mut conn.clock, partial, true, now);
+            outcome
+        } else {
+            self.responder.keep_partial(conn, &self.scratch[..n]);
+            self.process(key, now)
+        };
         if let Outcome::Profile {
             seconds,
             flamegraph,
-        } = self.process(key)
+        } = outcome
         {
-            self.hand_off_to_profiler(epoll, key, seconds, flamegraph);
-            return;
+            return self.hand_off_to_profiler(epoll, key, seconds, flamegraph);
         }
         self.flush(epoll, key);
     }
 
-    /// Answers every complete request in the connection's buffer, in order.
-    fn process(&mut self, key: usize) -> Outcome {
-        let date = self.date.get();
-        let conn = self.conns.get_mut(key).expect("live connection");
-        let mut consumed = 0;
-        let mut outcome = Outcome::Continue;
-        while consumed < conn.inbuf.len() && !conn.close_after_flush {
-            let started = Instant::now();
-            let (head, len) = match request::parse(&conn.inbuf[consumed..]) {
-                Parse::Partial => break,
-                Parse::Reject { status, message } => {
-                    reject(conn, status, message, date, &self.state);
-                    break;
-                }
-                Parse::Complete { head, len } => (head, len),
-            };
-            let route = routes::route_label(head.path);
-            let limited = match (&self.limiter, conn.peer) {
-                (Some(limiter), Some(ip)) => limiter.check_key(&ip).is_err(),
-                _ => false,
-            };
-            let response = if limited {
-                Response::error(429, "rate limit exceeded for this source: slow down")
-            } else {
-                let request = Request {
-                    method: head.method,
-                    path: head.path,
-                    query: head.query,
-                    content_type: head.content_type,
-                    authorization: head.authorization,
-                    body: head.body,
-                    local_peer: conn.local,
-                };
-                match routes::route(&request, &self.state, &self.access) {
-                    Routed::Respond(r) => r,
-                    Routed::Profile {
-                        seconds,
-                        flamegraph,
-                    } => {
-                        consumed += len;
-                        outcome = Outcome::Profile {
-                            seconds,
-                            flamegraph,
-                        };
-                        break;
-                    }
-                }
-            };
-            write_response(
-                &mut conn.outbuf,
-                &response,
-                head.head_only,
-                head.close,
-                date,
-            );
-            self.metrics.observe(
-                &self.state,
-                route,
-                response.status,
-                started.elapsed().as_secs_f64(),
-            );
-            consumed += len;
-            if head.close {
-                conn.close_after_flush = true;
-            }
+    /// Answers the complete requests buffered in the connection's partial buffer, in order.
+    fn process(&mut self, key: usize, now: Instant) -> Outcome {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return Outcome::Continue;
+        };
+        let budget = &self.responder.state.http_conns.pending;
+        if conn.close_after_flush {
+            // Refused: whatever else it sent is never read.
+            conn.partial.release(budget);
+            return Outcome::Continue;
         }
-        conn.inbuf.drain(..consumed);
-        conn.deadline = Instant::now()
-            + if conn.inbuf.is_empty() {
-                self.idle_timeout
-            } else {
-                self.header_timeout
-            };
-        if conn.inbuf.is_empty() && conn.inbuf.capacity() > 0 {
-            // Idle connections hold no buffer.
-            conn.inbuf = Vec::new();
+        let partial = std::mem::take(&mut conn.partial);
+        let (used, outcome) = self.responder.answer(conn, partial.bytes());
+        conn.partial = partial;
+        let budget = &self.responder.state.http_conns.pending;
+        if conn.close_after_flush {
+            conn.partial.release(budget);
+        } else {
+            conn.partial.consume(budget, used);
         }
+        let left = !conn.partial.is_empty();
+        self.timeouts.rearm(&mut conn.clock, left, used > 0, now);
         outcome
     }
 
@@ -532,10 +428,7 @@ impl HttpWorker {
                     Ok(n) => written += n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => {
-                        self.close(epoll, key);
-                        return;
-                    }
+                    Err(_) => return self.close(epoll, key),
                 }
             }
             conn.outbuf.drain(..written);
@@ -546,26 +439,24 @@ impl HttpWorker {
             // Idle connections hold no buffer.
             conn.outbuf = Vec::new();
             if conn.close_after_flush {
-                self.close(epoll, key);
-                return;
+                return self.close(epoll, key);
             }
             set_interest(epoll, conn, key, false);
-            if conn.inbuf.is_empty() {
+            if conn.partial.is_empty() {
                 return;
             }
             // Requests that arrived while we waited to write are already buffered.
-            let pending = conn.inbuf.len();
-            match self.process(key) {
+            let pending = conn.partial.len();
+            match self.process(key, Instant::now()) {
                 Outcome::Profile {
                     seconds,
                     flamegraph,
                 } => {
-                    self.hand_off_to_profiler(epoll, key, seconds, flamegraph);
-                    return;
+                    return self.hand_off_to_profiler(epoll, key, seconds, flamegraph);
                 }
                 Outcome::Continue => {
                     let conn = self.conns.get(key).expect("live connection");
-                    if conn.outbuf.is_empty() && conn.inbuf.len() == pending {
+                    if conn.outbuf.is_empty() && conn.partial.len() == pending {
                         return; // a partial request: wait for more bytes
                     }
                 }
@@ -580,8 +471,10 @@ impl HttpWorker {
             return;
         };
         let _ = epoll.delete(conn.io.as_fd());
-        let state = self.state.clone();
-        let date = self.date.get().to_string();
+        let state = self.responder.state.clone();
+        // Requests pipelined behind the profile are never answered: the connection closes after it.
+        conn.partial.release(&state.http_conns.pending);
+        let date = self.responder.date.get().to_string();
         std::thread::spawn(move || {
             // Earlier pipelined replies go out first.
             let _ = set_blocking(&conn.io);
@@ -612,70 +505,86 @@ fn set_blocking(file: &File) -> io::Result<()> {
     Ok(())
 }
 
-enum Outcome {
-    Continue,
-    Profile { seconds: u64, flamegraph: bool },
-}
-
-/// Answers an unusable request with `status` and closes the connection after the reply.
-fn reject(conn: &mut Conn, status: u16, message: &str, date: &str, state: &AppState) {
-    write_response(
-        &mut conn.outbuf,
-        &Response::error(status, message),
-        false,
-        true,
-        date,
-    );
-    routes::observe(state, "other", status, 0.0);
-    conn.close_after_flush = true;
-}
-
-/// Serializes a response (status line, headers, body) onto `out`, without `fmt` on the hot path.
-pub fn write_response(out: &mut Vec<u8>, r: &Response, head_only: bool, close: bool, date: &str) {
-    let body = r.body.bytes();
-    let mut digits = [0u8; 20];
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(crate::wire::decimal(u64::from(r.status), &mut digits));
-    out.push(b' ');
-    out.extend_from_slice(routes::reason_phrase(r.status).as_bytes());
-    out.extend_from_slice(b"\r\nServer: ricochet\r\nDate: ");
-    out.extend_from_slice(date.as_bytes());
-    out.extend_from_slice(b"\r\nContent-Type: ");
-    out.extend_from_slice(r.content_type.as_bytes());
-    out.extend_from_slice(b"\r\nContent-Length: ");
-    out.extend_from_slice(crate::wire::decimal(body.len() as u64, &mut digits));
-    out.extend_from_slice(b"\r\n");
-    if let Some(extra) = r.extra_header {
-        out.extend_from_slice(extra.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    if close {
-        out.extend_from_slice(b"Connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    if !head_only {
-        out.extend_from_slice(body);
-    }
-}
-
 #[cfg(test)]
 mod test {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
     use super::*;
-    use crate::http::routes::Body;
+    use crate::core::LocalCounter;
+
+    fn start(max_pending: u64) -> (HttpServer, Arc<AppState>, SocketAddr) {
+        let counter = Arc::new(LocalCounter::default());
+        let state = Arc::new(AppState::new("kernel", serde_json::json!({}), counter));
+        state.http_conns.pending.set_limit(max_pending);
+        let config = HttpConfig {
+            listen: HttpListen::Tcp("127.0.0.1:0".parse().unwrap()),
+            access: Access { token: None },
+            rate_limit: 0,
+            workers: 1,
+            cpus: Vec::new(),
+            header_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+        };
+        let server = HttpServer::start(config, state.clone()).unwrap();
+        let HttpListen::Tcp(addr) = server.bound else {
+            unreachable!("bound to TCP")
+        };
+        (server, state, addr)
+    }
+
+    /// What a connection got: a status, or nothing yet (still open, waiting for its body).
+    fn status(conn: &mut TcpStream) -> Option<u16> {
+        conn.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut reply = [0u8; 12];
+        match conn.read_exact(&mut reply) {
+            Ok(()) => std::str::from_utf8(&reply[9..12]).ok()?.parse().ok(),
+            Err(_) => None,
+        }
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 
     #[test]
-    fn response_head_is_well_formed() {
-        let mut out = Vec::new();
-        let r = Response {
-            status: 404,
-            content_type: "application/json",
-            body: Body::Static(b"{}"),
-            extra_header: Some("Allow: GET"),
-        };
-        write_response(&mut out, &r, false, true, "Sun, 22 Nov 2026 15:00:00 GMT");
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            "HTTP/1.1 404 Not Found\r\nServer: ricochet\r\nDate: Sun, 22 Nov 2026 15:00:00 GMT\r\nContent-Type: application/json\r\nContent-Length: 2\r\nAllow: GET\r\nConnection: close\r\n\r\n{}"
-        );
+    fn partial_requests_beyond_the_pending_budget_get_503() {
+        const LIMIT: u64 = 256 * 1024;
+        let (server, state, addr) = start(LIMIT);
+        let head = b"POST /counter HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 65536\r\n\r\n";
+        // Ten clients each send 60,000 of the 65,536 body bytes they announced, and wait.
+        let mut conns: Vec<TcpStream> = (0..10)
+            .map(|_| {
+                let mut conn = TcpStream::connect(addr).unwrap();
+                conn.write_all(head).unwrap();
+                conn.write_all(&[b' '; 60_000]).unwrap();
+                conn
+            })
+            .collect();
+        let budget = &state.http_conns;
+        wait_for("every partial body to be read or refused", || {
+            let held = budget.pending.used() / 60_000;
+            held + budget.over_budget.load(Ordering::Relaxed) >= 10
+        });
+        let statuses: Vec<Option<u16>> = conns.iter_mut().map(status).collect();
+        let refused = statuses.iter().filter(|s| **s == Some(503)).count();
+        let waiting = statuses.iter().filter(|s| s.is_none()).count();
+        assert_eq!(refused + waiting, 10, "{statuses:?}");
+        // 256 KiB holds four bodies of 60,000 bytes (in buffers of up to 64 KiB), not five.
+        assert!((3..=4).contains(&waiting), "{statuses:?}");
+        assert_eq!(budget.over_budget.load(Ordering::Relaxed), refused as u64);
+        assert!(budget.pending.used() <= LIMIT);
+        // Closing the connections gives the budget back; new requests are served again.
+        drop(conns);
+        wait_for("the budget to be given back", || budget.pending.used() == 0);
+        let mut conn = TcpStream::connect(addr).unwrap();
+        conn.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(status(&mut conn), Some(200));
+        server.shutdown();
     }
 }

@@ -10,6 +10,7 @@ use prometheus_client::metrics::counter::Counter as PromCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
+use super::pending::PendingBudget;
 use crate::core::Counter;
 use crate::spec::CpuId;
 use crate::stats::{Field, FieldKind, WorkerStats};
@@ -89,81 +90,14 @@ impl Default for HttpMetrics {
     }
 }
 
-/// Bytes buffered by partial HTTP requests, counted against one process-wide limit.
-#[derive(Debug)]
-pub struct PendingBudget {
-    limit: AtomicU64,
-    used: AtomicU64,
-}
-
-impl PendingBudget {
-    /// The default limit: 16 MiB of partial requests (about 230 of the largest, 72 KiB each).
-    pub const DEFAULT_LIMIT: u64 = 16 << 20;
-
-    pub fn new(limit: u64) -> PendingBudget {
-        PendingBudget {
-            limit: AtomicU64::new(limit),
-            used: AtomicU64::new(0),
-        }
-    }
-
-    /// Sets the limit (the server does it once, at start).
-    pub fn set_limit(&self, limit: u64) {
-        self.limit.store(limit, Ordering::Relaxed);
-    }
-
-    pub fn limit(&self) -> u64 {
-        self.limit.load(Ordering::Relaxed)
-    }
-
-    /// Bytes charged now.
-    pub fn used(&self) -> u64 {
-        self.used.load(Ordering::Relaxed)
-    }
-
-    /// Charges `n` more bytes if the total stays within the limit; false (nothing charged) if not.
-    pub fn try_charge(&self, n: u64) -> bool {
-        let limit = self.limit();
-        self.used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
-                used.checked_add(n).filter(|&total| total <= limit)
-            })
-            .is_ok()
-    }
-
-    /// Charges `n` bytes whatever the limit (memory the allocator already handed out).
-    pub fn force_charge(&self, n: u64) {
-        self.used.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Gives back `n` bytes charged earlier.
-    pub fn release(&self, n: u64) {
-        let _ = self
-            .used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
-                Some(used.saturating_sub(n))
-            });
-    }
-}
-
 /// The HTTP server's connection-level statistics and its budget of partial-request bytes.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct HttpConnStats {
     /// Connections accepted and closed at once because the process was out of file descriptors.
     pub refused: AtomicU64,
     /// Requests answered 503 because partial requests held the whole pending budget.
     pub over_budget: AtomicU64,
     pub pending: PendingBudget,
-}
-
-impl Default for HttpConnStats {
-    fn default() -> HttpConnStats {
-        HttpConnStats {
-            refused: AtomicU64::new(0),
-            over_budget: AtomicU64::new(0),
-            pending: PendingBudget::new(PendingBudget::DEFAULT_LIMIT),
-        }
-    }
 }
 
 impl HttpConnStats {

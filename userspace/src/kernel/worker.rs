@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +13,7 @@ use nix::sys::eventfd::EventFd;
 use slab::Slab;
 
 use crate::core::{Batch, Counter, Protocol, StreamDecoder, Ticket};
+use crate::net::{Accepted, Listeners, StreamListener};
 use crate::stats::{DropReason, WorkerStats};
 use crate::sys::MmsgBatch;
 
@@ -59,11 +60,6 @@ struct Conn {
     closing: bool,
 }
 
-enum Listener {
-    Tcp(std::net::TcpListener),
-    Unix(Arc<super::sockets::UnixEndpoint>),
-}
-
 pub struct Worker {
     stats: Arc<WorkerStats>,
     counter: Arc<dyn Counter>,
@@ -71,7 +67,7 @@ pub struct Worker {
     stop: Arc<AtomicBool>,
     wake: Arc<EventFd>,
     udp: Vec<(Protocol, std::net::UdpSocket)>,
-    listeners: Vec<(Protocol, Listener)>,
+    listeners: Listeners<Protocol>,
     conns: Slab<Conn>,
     mmsg: MmsgBatch,
     tickets: Vec<Ticket>,
@@ -90,14 +86,11 @@ impl Worker {
         stop: Arc<AtomicBool>,
         wake: Arc<EventFd>,
     ) -> Worker {
-        let mut listeners: Vec<(Protocol, Listener)> = Vec::new();
-        listeners.extend(sockets.tcp.into_iter().map(|(p, l)| (p, Listener::Tcp(l))));
-        listeners.extend(
-            sockets
-                .unix
-                .into_iter()
-                .map(|(p, l)| (p, Listener::Unix(l))),
-        );
+        let mut listeners: Vec<(Protocol, StreamListener)> = Vec::new();
+        let tcp = sockets.tcp.into_iter();
+        listeners.extend(tcp.map(|(p, l)| (p, StreamListener::Tcp(l))));
+        let unix = sockets.unix.into_iter();
+        listeners.extend(unix.map(|(p, l)| (p, StreamListener::Unix(l))));
         Worker {
             stats,
             counter,
@@ -105,7 +98,7 @@ impl Worker {
             stop,
             wake,
             udp: sockets.udp,
-            listeners,
+            listeners: Listeners::new(listeners, TOKEN_LISTENER),
             conns: Slab::new(),
             mmsg: MmsgBatch::new(config.batch, config.max_datagram),
             tickets: Vec::with_capacity(config.batch),
@@ -134,17 +127,7 @@ impl Worker {
                 )?;
             }
         }
-        for (i, (_, listener)) in self.listeners.iter().enumerate() {
-            let (fd, flags) = match listener {
-                Listener::Tcp(l) => (l.as_fd(), EpollFlags::EPOLLIN),
-                // A Unix listener is shared by all workers: wake only one of them per connection.
-                Listener::Unix(u) => (
-                    u.listener.as_fd(),
-                    EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE,
-                ),
-            };
-            epoll.add(fd, EpollEvent::new(flags, TOKEN_LISTENER + i as u64))?;
-        }
+        self.listeners.register(&epoll)?;
         let has_streams = !self.listeners.is_empty();
         // A blocking worker with one UDP socket and nothing else sleeps in recvmmsg itself: one
         // syscall per wake-up instead of epoll_wait plus recvmmsg. The receive timeout bounds how
@@ -169,10 +152,12 @@ impl Worker {
                     continue;
                 }
             }
+            // A listener paused for lack of descriptors comes back on time.
+            self.listeners.resume_due(&epoll);
             let timeout = if spin {
                 EpollTimeout::ZERO
             } else {
-                EpollTimeout::NONE
+                self.listeners.wait_timeout(None)
             };
             let n = match epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
@@ -185,14 +170,7 @@ impl Worker {
         }
 
         // Shutdown: stop accepting, answer what already arrived, close connections.
-        for (_, listener) in &self.listeners {
-            let fd = match listener {
-                Listener::Tcp(l) => l.as_fd(),
-                Listener::Unix(u) => u.listener.as_fd(),
-            };
-            let _ = epoll.delete(fd);
-        }
-        self.listeners.clear();
+        self.listeners.close(&epoll);
         for i in 0..self.udp.len() {
             self.serve_udp(i, false);
         }
@@ -275,47 +253,32 @@ impl Worker {
     }
 
     fn accept(&mut self, epoll: &Epoll, index: usize) {
-        for _ in 0..64 {
-            let (protocol, listener) = &self.listeners[index];
-            let protocol = *protocol;
-            let accepted: io::Result<OwnedFd> = match listener {
-                Listener::Tcp(l) => l.accept().map(|(s, _)| {
-                    let _ = s.set_nodelay(true);
-                    let _ = s.set_nonblocking(true);
-                    s.into()
-                }),
-                Listener::Unix(u) => u.listener.accept().map(|(s, _)| {
-                    let _ = s.set_nonblocking(true);
-                    s.into()
-                }),
-            };
-            let fd = match accepted {
-                Ok(fd) => fd,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // EMFILE and friends: leave the connection in the backlog and say so, rarely.
-                    self.log_error("accept", &e);
+        let conns = &mut self.conns;
+        let stats = &self.stats;
+        let mut epoll_error = None;
+        let refused = self
+            .listeners
+            .accept(epoll, index, 64, |protocol, accepted| {
+                let Accepted { fd, .. } = accepted;
+                let entry = conns.vacant_entry();
+                let token = TOKEN_CONN + entry.key() as u64;
+                let interest = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP;
+                if let Err(e) = epoll.add(fd.as_fd(), EpollEvent::new(interest, token)) {
+                    epoll_error = Some(e);
                     return;
                 }
-            };
-            let entry = self.conns.vacant_entry();
-            let token = TOKEN_CONN + entry.key() as u64;
-            if let Err(e) = epoll.add(
-                fd.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP, token),
-            ) {
-                self.log_error("epoll add", &e.into());
-                continue;
-            }
-            entry.insert(Conn {
-                io: File::from(fd),
-                protocol,
-                decoder: StreamDecoder::default(),
-                pending: Vec::new(),
-                closing: false,
+                entry.insert(Conn {
+                    io: File::from(fd),
+                    protocol,
+                    decoder: StreamDecoder::default(),
+                    pending: Vec::new(),
+                    closing: false,
+                });
+                stats.conns_opened.add(1);
             });
-            self.stats.conns_opened.add(1);
+        self.stats.conns_refused.add(refused);
+        if let Some(e) = epoll_error {
+            self.log_error("epoll add", &e.into());
         }
     }
 

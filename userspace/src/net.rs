@@ -1,0 +1,318 @@
+//! Accepting stream connections, shared by the kernel datapath and the HTTP server: a worker's
+//! listeners, their epoll registration, and an accept loop that survives running out of file
+//! descriptors.
+//!
+//! Out of descriptors, `accept` fails with EMFILE (or ENFILE, ENOBUFS, ENOMEM) and leaves the
+//! connection in the backlog, so a level-triggered epoll reports the listener again at once: the
+//! worker spins at 100 % while the client waits for nothing. The standard way out (libev, nginx,
+//! Node) is a reserve descriptor: close it, accept the connection into the freed slot, close the
+//! connection at once (the client sees its connection closed instead of hanging) and reopen the
+//! reserve. Each such refusal is counted. When even the reserve cannot be reopened, the listener
+//! leaves epoll for [`PAUSE`] instead of being polled in a loop.
+
+use std::fs::File;
+use std::io;
+use std::net::{IpAddr, TcpListener};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags, EpollTimeout};
+
+use crate::kernel::UnixEndpoint;
+
+/// How long a listener stays out of epoll when connections can neither be accepted nor refused.
+pub const PAUSE: Duration = Duration::from_millis(100);
+/// Accept errors are logged at most this often, for the whole process.
+const LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A listening stream socket.
+#[derive(Debug)]
+pub enum StreamListener {
+    Tcp(TcpListener),
+    /// Shared by several workers: EPOLLEXCLUSIVE wakes one of them per connection.
+    Unix(Arc<UnixEndpoint>),
+}
+
+impl StreamListener {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            StreamListener::Tcp(l) => l.as_fd(),
+            StreamListener::Unix(u) => u.listener.as_fd(),
+        }
+    }
+
+    fn epoll_flags(&self) -> EpollFlags {
+        match self {
+            StreamListener::Tcp(_) => EpollFlags::EPOLLIN,
+            StreamListener::Unix(_) => EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE,
+        }
+    }
+
+    /// One non-blocking connection (TCP_NODELAY on TCP), with the peer's address for TCP.
+    fn accept(&self) -> io::Result<Accepted> {
+        match self {
+            StreamListener::Tcp(l) => l.accept().map(|(s, addr)| {
+                let _ = s.set_nodelay(true);
+                let _ = s.set_nonblocking(true);
+                Accepted {
+                    fd: s.into(),
+                    peer: Some(addr.ip()),
+                }
+            }),
+            StreamListener::Unix(u) => u.listener.accept().map(|(s, _)| {
+                let _ = s.set_nonblocking(true);
+                Accepted {
+                    fd: s.into(),
+                    peer: None,
+                }
+            }),
+        }
+    }
+}
+
+/// A connection accepted and set non-blocking.
+#[derive(Debug)]
+pub struct Accepted {
+    pub fd: OwnedFd,
+    /// The peer's IP address; None on Unix sockets.
+    pub peer: Option<IpAddr>,
+}
+
+/// How an accept error is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AcceptError {
+    /// The backlog is empty.
+    Drained,
+    /// This connection failed (aborted by its peer, a signal): try the next one.
+    Retry,
+    /// Out of descriptors or socket memory: refuse the connection through the reserve.
+    Exhausted,
+    /// Anything else: log it and stop polling the listener for a while.
+    Other,
+}
+
+fn classify(error: &io::Error) -> AcceptError {
+    match error.raw_os_error() {
+        Some(libc::EAGAIN) => AcceptError::Drained,
+        Some(libc::EINTR | libc::ECONNABORTED | libc::EPROTO | libc::EPERM) => AcceptError::Retry,
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => AcceptError::Exhausted,
+        _ => AcceptError::Other,
+    }
+}
+
+struct Entry<P> {
+    payload: P,
+    socket: StreamListener,
+    /// Out of epoll until then (see [`PAUSE`]).
+    resume_at: Option<Instant>,
+}
+
+/// One worker's listeners, each with a payload `P` (what the worker serves on it), registered in
+/// the worker's epoll under tokens `token_base + index`.
+pub struct Listeners<P> {
+    entries: Vec<Entry<P>>,
+    token_base: u64,
+    /// The descriptor given up to refuse a connection when the process has none left.
+    reserve: Option<File>,
+    paused: usize,
+}
+
+impl<P: Copy> Listeners<P> {
+    pub fn new(listeners: Vec<(P, StreamListener)>, token_base: u64) -> Listeners<P> {
+        let reserve = if listeners.is_empty() {
+            None
+        } else {
+            open_reserve()
+        };
+        Listeners {
+            entries: listeners
+                .into_iter()
+                .map(|(payload, socket)| Entry {
+                    payload,
+                    socket,
+                    resume_at: None,
+                })
+                .collect(),
+            token_base,
+            reserve,
+            paused: 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The listener index of an epoll token, if it is one of ours.
+    pub fn index_of(&self, token: u64) -> Option<usize> {
+        let index = usize::try_from(token.checked_sub(self.token_base)?).ok()?;
+        (index < self.entries.len()).then_some(index)
+    }
+
+    /// Adds every listener to `epoll`.
+    pub fn register(&self, epoll: &Epoll) -> io::Result<()> {
+        for index in 0..self.entries.len() {
+            self.add(epoll, index)?;
+        }
+        Ok(())
+    }
+
+    fn add(&self, epoll: &Epoll, index: usize) -> io::Result<()> {
+        let socket = &self.entries[index].socket;
+        let event = EpollEvent::new(socket.epoll_flags(), self.token_base + index as u64);
+        epoll.add(socket.fd(), event).map_err(io::Error::from)
+    }
+
+    /// Stops accepting: every listener leaves epoll and is closed (graceful shutdown).
+    pub fn close(&mut self, epoll: &Epoll) {
+        for entry in self.entries.drain(..) {
+            if entry.resume_at.is_none() {
+                let _ = epoll.delete(entry.socket.fd());
+            }
+        }
+        self.paused = 0;
+    }
+}
+
+impl<P: Copy> Listeners<P> {
+    /// Accepts up to `max` connections from listener `index`, handing each to `on_conn`. Returns
+    /// how many were refused because the process was out of descriptors.
+    pub fn accept(
+        &mut self,
+        epoll: &Epoll,
+        index: usize,
+        max: usize,
+        mut on_conn: impl FnMut(P, Accepted),
+    ) -> u64 {
+        let Some(entry) = self.entries.get(index) else {
+            return 0;
+        };
+        if entry.resume_at.is_some() {
+            return 0;
+        }
+        let mut refused = 0;
+        for _ in 0..max {
+            let entry = &self.entries[index];
+            let error = match entry.socket.accept() {
+                Ok(conn) => {
+                    on_conn(entry.payload, conn);
+                    continue;
+                }
+                Err(e) => e,
+            };
+            match classify(&error) {
+                AcceptError::Drained => break,
+                AcceptError::Retry => {}
+                AcceptError::Exhausted => {
+                    log_accept_error(&error, "out of file descriptors or socket memory: refusing new connections; raise the open-file limit (ulimit -n, LimitNOFILE=)");
+                    match self.refuse_one(index) {
+                        Some(true) => refused += 1,
+                        Some(false) => break,
+                        None => {
+                            self.pause(epoll, index);
+                            break;
+                        }
+                    }
+                }
+                AcceptError::Other => {
+                    log_accept_error(&error, "not accepting on this listener for 100 ms");
+                    self.pause(epoll, index);
+                    break;
+                }
+            }
+        }
+        refused
+    }
+
+    /// Refuses the connection at the head of the backlog through the reserve descriptor.
+    /// Some(true): one refused; Some(false): the backlog was empty; None: no reserve to spare.
+    fn refuse_one(&mut self, index: usize) -> Option<bool> {
+        // Freeing our reserve gives accept one descriptor to use.
+        drop(self.reserve.take());
+        let outcome = match self.entries[index].socket.accept() {
+            // Closing at once: the client sees its connection end instead of waiting in the backlog.
+            Ok(_) => Some(true),
+            Err(e) if classify(&e) == AcceptError::Drained => Some(false),
+            Err(_) => None,
+        };
+        self.reserve = open_reserve();
+        // Without a reserve the next refusal is impossible: the caller pauses the listener.
+        self.reserve.as_ref()?;
+        outcome
+    }
+
+    fn pause(&mut self, epoll: &Epoll, index: usize) {
+        let entry = &mut self.entries[index];
+        if entry.resume_at.is_none() {
+            let _ = epoll.delete(entry.socket.fd());
+            entry.resume_at = Some(Instant::now() + PAUSE);
+            self.paused += 1;
+        }
+    }
+
+    /// Puts paused listeners whose pause is over back into epoll. Cheap when none is paused.
+    pub fn resume_due(&mut self, epoll: &Epoll) {
+        if self.paused == 0 {
+            return;
+        }
+        let now = Instant::now();
+        for index in 0..self.entries.len() {
+            if self.entries[index].resume_at.is_some_and(|at| now >= at) {
+                self.entries[index].resume_at = None;
+                self.paused -= 1;
+                if self.reserve.is_none() {
+                    self.reserve = open_reserve();
+                }
+                if self.add(epoll, index).is_err() {
+                    // Try again after another pause rather than lose the listener.
+                    self.entries[index].resume_at = Some(now + PAUSE);
+                    self.paused += 1;
+                }
+            }
+        }
+    }
+
+    /// How long epoll may sleep: `otherwise` (None: until an event), cut short so that a paused
+    /// listener is put back on time.
+    pub fn wait_timeout(&self, otherwise: Option<Duration>) -> EpollTimeout {
+        let next = (self.paused > 0)
+            .then(|| self.entries.iter().filter_map(|e| e.resume_at).min())
+            .flatten();
+        // Rounded up to whole milliseconds, so the wait never ends just before the resume time.
+        let until_resume = next.map(|at| {
+            let left = at.saturating_duration_since(Instant::now());
+            Duration::from_millis(left.as_millis() as u64 + 1)
+        });
+        let wait = match (otherwise, until_resume) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match wait {
+            None => EpollTimeout::NONE,
+            Some(d) => EpollTimeout::try_from(d).unwrap_or(EpollTimeout::MAX),
+        }
+    }
+}
+
+fn open_reserve() -> Option<File> {
+    File::open("/dev/null").ok()
+}
+
+/// Logs an accept error unless one was logged, by any worker, in the last [`LOG_INTERVAL`].
+fn log_accept_error(error: &io::Error, what_next: &str) {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    static LAST_MS: AtomicU64 = AtomicU64::new(u64::MAX);
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let now_ms = epoch.elapsed().as_millis() as u64;
+    let last = LAST_MS.load(Ordering::Relaxed);
+    let due = last == u64::MAX || now_ms.saturating_sub(last) >= LOG_INTERVAL.as_millis() as u64;
+    if due
+        && LAST_MS
+            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!("accept: {error}: {what_next} (further accept errors muted for 5 s)");
+    }
+}
