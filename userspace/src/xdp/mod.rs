@@ -259,6 +259,16 @@ impl XdpProgram {
         }
     }
 
+    /// How many instructions the verifier processed to accept the program (its budget is one
+    /// million). None on kernels before 5.16, which do not report it.
+    pub fn verified_instructions(&mut self) -> Result<Option<u32>> {
+        let info = self
+            .program()
+            .info()
+            .context("cannot read the XDP program's info")?;
+        Ok(info.verified_instruction_count())
+    }
+
     /// Runs the program once on `frame` (BPF_PROG_TEST_RUN); returns the verdict and the output
     /// frame's length in `out`.
     pub fn test_run(&mut self, frame: &[u8], out: &mut [u8]) -> Result<(u32, usize)> {
