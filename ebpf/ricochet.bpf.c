@@ -159,8 +159,8 @@ static __always_inline int parse_request(struct xdp_md *ctx, struct request *req
 		struct iphdr *ip = c.pos;
 		if ((void *)(ip + 1) > c.end)
 			return STAT_PASSED;
-		/* Options and non-UDP traffic belong to the kernel. */
-		if (ip->ihl != 5 || ip->protocol != IPPROTO_UDP)
+		/* Options, non-UDP traffic and anything not IPv4 (which the kernel drops) are the kernel's. */
+		if (ip->version != 4 || ip->ihl != 5 || ip->protocol != IPPROTO_UDP)
 			return STAT_PASSED;
 		__u16 frag = bpf_ntohs(ip->frag_off);
 		/* A later fragment carries no UDP header: nothing to match, the kernel reassembles. */
@@ -176,7 +176,8 @@ static __always_inline int parse_request(struct xdp_md *ctx, struct request *req
 		struct ipv6hdr *ip6 = c.pos;
 		if ((void *)(ip6 + 1) > c.end)
 			return STAT_PASSED;
-		if (ip6->nexthdr != IPPROTO_UDP)
+		/* Extension headers (UDP not next) are the kernel's, as is anything not IPv6. */
+		if (ip6->version != 6 || ip6->nexthdr != IPPROTO_UDP)
 			return STAT_PASSED;
 		udp = (void *)(ip6 + 1);
 		ip_payload_end = (void *)(ip6 + 1) + bpf_ntohs(ip6->payload_len);

@@ -312,3 +312,36 @@ fn source_port_zero_is_dropped() {
         (PASS, XdpStat::NoSocket)
     );
 }
+
+/// An IPv4 EtherType carrying a header whose version is not 4 (or IPv6 not 6) is not parsed as a
+/// request: the kernel, which drops such packets, gets it (it used to be steered).
+#[test]
+fn wrong_ip_version_passes_to_the_kernel() {
+    let Some(mut prog) = program() else { return };
+    let counter = ricochet::wire::CounterRepr { value: 1 }.to_bytes();
+    for version in [0u8, 5, 6, 15] {
+        let mut frame = udp4(7777, &counter);
+        frame[14] = (version << 4) | 5;
+        assert_eq!(
+            run(&mut prog, &frame),
+            (PASS, XdpStat::Passed),
+            "IPv4 version {version}"
+        );
+    }
+    let mut v6 = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, SERVER_MAC)
+        .ipv6(
+            [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            SERVER6,
+            64,
+        )
+        .udp(40000, 7777)
+        .write(&mut v6, &counter)
+        .unwrap();
+    v6[14] = 0x40 | (v6[14] & 0x0f);
+    assert_eq!(
+        run(&mut prog, &v6),
+        (PASS, XdpStat::Passed),
+        "IPv6 version 4"
+    );
+}
