@@ -684,6 +684,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
             failure = Some("a worker stopped unexpectedly");
             break;
         }
+        // A dead HTTP thread takes the process down rather than leaving it alive and looking
+        // healthy; a supervisor (systemd's Restart=on-failure) starts it again.
+        if http.as_ref().is_some_and(HttpServer::any_worker_finished) {
+            failure = Some("an HTTP worker stopped unexpectedly");
+            break;
+        }
     }
     // Shutdown: the endpoints first (they finish requests in flight), then the datapaths.
     state.readiness.stopping.store(true, Ordering::Relaxed);
