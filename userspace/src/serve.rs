@@ -156,6 +156,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = crate::bench::parse_duration)]
     pub http_idle_timeout: Duration,
 
+    /// Most bytes that partial HTTP requests (line, headers, body still arriving) may hold in memory
+    /// together, across all connections; a request that would exceed it gets 503 and its connection
+    /// closes.
+    #[arg(long, value_name = "BYTES", default_value_t = 16 << 20, value_parser = clap::value_parser!(u64).range(65536..=1 << 32))]
+    pub http_max_pending: u64,
+
     /// HTTP worker threads; default one per housekeeping CPU (CPUs not in --cpus), else one per CPU.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub http_workers: Option<u16>,
@@ -577,6 +583,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .store(!matches!(bypass, Bypass::None), Ordering::Relaxed);
         *state.workers.lock().expect("not poisoned") = views;
     }
+    state.http_conns.pending.set_limit(args.http_max_pending);
     let http = match http_listen {
         None => None,
         Some(listen) => {
