@@ -25,7 +25,7 @@ use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFl
 use serde::Serialize;
 
 use crate::core::Protocol;
-use crate::spec::{CpuId, CpuList, ListenSpec, Transport};
+use crate::spec::{duration_in, CpuId, CpuList, ListenSpec, Transport};
 use crate::sys;
 use crate::wire::{CounterRepr, SockperfHeader, FRAME_LEN, SOCKPERF_HEADER_LEN};
 
@@ -44,20 +44,21 @@ pub struct BenchArgs {
     #[arg(long, short = 'd', default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub depth: u32,
 
-    /// How long to send (after the warm-up), e.g. 10s, 500ms, 2m.
-    #[arg(long, value_parser = parse_duration)]
+    /// How long to send (after the warm-up), e.g. 10s, 500ms, 2m; 1ms to 7d.
+    #[arg(long, value_parser = duration_in(MIN_DURATION, MAX_DURATION))]
     pub duration: Option<Duration>,
 
     /// Total requests to send (after the warm-up) instead of a duration.
-    #[arg(long, conflicts_with = "duration")]
+    #[arg(long, conflicts_with = "duration", value_parser = clap::value_parser!(u64).range(1..))]
     pub requests: Option<u64>,
 
-    /// Open loop at this many requests per second in total, measured from intended send times.
-    #[arg(long, value_name = "PER_SECOND")]
+    /// Open loop at this many requests per second in total (0.01 to 1e9), latency measured from
+    /// intended send times.
+    #[arg(long, value_name = "PER_SECOND", value_parser = parse_rate)]
     pub rate: Option<f64>,
 
-    /// Load sent before measuring, e.g. 1s; its replies are verified but not counted.
-    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    /// Load sent before measuring, e.g. 1s (at most 1d); its replies are verified but not counted.
+    #[arg(long, default_value = "0s", value_parser = duration_in(Duration::ZERO, MAX_WARMUP))]
     pub warmup: Duration,
 
     /// The increment each counter request carries.
@@ -73,8 +74,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "LIST")]
     pub cpus: Option<CpuList>,
 
-    /// A request unanswered after this long counts as lost (UDP is never retried).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    /// A request unanswered after this long counts as lost (datagrams, never retried) or
+    /// unanswered (streams); a reply that comes later counts as late. 1ms to 1h.
+    #[arg(long, default_value = "1s", value_parser = duration_in(MIN_TIMEOUT, MAX_TIMEOUT))]
     pub timeout: Duration,
 
     /// Busy-poll for replies instead of sleeping in epoll (lowest client-side latency).
@@ -89,8 +91,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     pub hgrm: Option<PathBuf>,
 
-    /// Open the connections, send nothing, hold them this long, then close (memory benchmarks).
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    /// Open the connections, send nothing, hold them this long (at most 7d), then close (memory
+    /// benchmarks).
+    #[arg(long, value_parser = duration_in(Duration::ZERO, MAX_DURATION), value_name = "DURATION")]
     pub hold: Option<Duration>,
 
     /// Source addresses to spread connections over (comma-separated), to exceed one address's
@@ -99,32 +102,32 @@ pub struct BenchArgs {
     pub sources: Vec<IpAddr>,
 }
 
-/// Parses `10s`, `250ms`, `2m`, `1h`, `150us` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("bad duration '{s}': write e.g. 10s, 500ms or 2m"))?;
-    let seconds = match unit {
-        "" | "s" => value,
-        "ms" => value / 1e3,
-        "us" | "µs" => value / 1e6,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => {
-            return Err(format!(
-                "bad duration '{s}': unit '{unit}' is not one of us, ms, s, m, h"
-            ))
-        }
-    };
-    if !seconds.is_finite() || seconds < 0.0 {
-        return Err(format!("bad duration '{s}'"));
+pub use crate::spec::parse_duration;
+
+const DAY: Duration = Duration::from_secs(86_400);
+/// `--duration` and `--hold` bounds: long runs are fine, an accidental year is not.
+const MIN_DURATION: Duration = Duration::from_millis(1);
+const MAX_DURATION: Duration = Duration::from_secs(7 * 86_400);
+const MAX_WARMUP: Duration = DAY;
+/// `--timeout` bounds. The latency histogram covers up to `MAX_TIMEOUT`: a reply is only timed
+/// when it came within the timeout.
+const MIN_TIMEOUT: Duration = Duration::from_millis(1);
+const MAX_TIMEOUT: Duration = Duration::from_secs(3_600);
+/// `--rate` bounds in requests per second over all connections.
+const MIN_RATE: f64 = 0.01;
+const MAX_RATE: f64 = 1e9;
+
+/// Parses `--rate`: requests per second in total, `MIN_RATE..=MAX_RATE`.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let rate: f64 = text.trim().parse().map_err(|_| {
+        format!("'{text}' is not a number of requests per second: write e.g. 50000 or 2.5e5")
+    })?;
+    if !(MIN_RATE..=MAX_RATE).contains(&rate) {
+        return Err(format!(
+            "must be between {MIN_RATE} and {MAX_RATE} requests per second: got {text}"
+        ));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    Ok(rate)
 }
 
 /// The JSON result (docs/bench-json.md).
@@ -284,11 +287,6 @@ struct ThreadResult {
 pub fn run(args: BenchArgs) -> Result<()> {
     if args.target.protocol != Protocol::Counter && args.message_size < SOCKPERF_HEADER_LEN as u16 {
         bail!("--message-size must be at least 14");
-    }
-    if let Some(rate) = args.rate {
-        if !(rate > 0.0 && rate.is_finite()) {
-            bail!("--rate must be a positive number of requests per second");
-        }
     }
     let _ = sys::raise_fd_limit();
     let cpus: Vec<Option<CpuId>> = match &args.cpus {
@@ -999,16 +997,6 @@ fn on_reply(
 #[cfg(test)]
 mod test {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("ten").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-    }
 
     #[test]
     fn hgrm_has_percentiles_and_footer() {

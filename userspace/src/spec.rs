@@ -1,9 +1,11 @@
-//! Command-line value types: listen SPECs (`[PROTO+]TRANSPORT://ADDR`) and CPU lists (`0-3,6`).
+//! Command-line value types: listen SPECs (`[PROTO+]TRANSPORT://ADDR`), CPU lists (`0-3,6`) and
+//! durations (`250ms`, `10s`, `7d`).
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use crate::core::Protocol;
 
@@ -167,9 +169,196 @@ impl fmt::Display for CpuList {
     }
 }
 
+const NANOS_PER_SEC: u128 = 1_000_000_000;
+
+/// The units a duration may be written in, longest first, in nanoseconds.
+const DURATION_UNITS: [(&str, u128); 7] = [
+    ("d", 86_400 * NANOS_PER_SEC),
+    ("h", 3_600 * NANOS_PER_SEC),
+    ("m", 60 * NANOS_PER_SEC),
+    ("s", NANOS_PER_SEC),
+    ("ms", 1_000_000),
+    ("us", 1_000),
+    ("ns", 1),
+];
+
+/// Parses a duration: a decimal number and a unit, `ns`, `us` (or `µs`), `ms`, `s`, `m`, `h` or `d`
+/// (`150us`, `2.5s`, `10m`, `7d`); a bare number is seconds. Exact to the nanosecond (no floating
+/// point), and never panics: a value too long for [`Duration`] is an error.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let nanos = duration_nanos(text)?;
+    let seconds = u64::try_from(nanos / NANOS_PER_SEC)
+        .map_err(|_| format!("duration '{}' is too long", text.trim()))?;
+    // The remainder is below one second, so it fits in u32.
+    Ok(Duration::new(seconds, (nanos % NANOS_PER_SEC) as u32))
+}
+
+/// A clap value parser for a duration flag that must lie within `min..=max`, e.g.
+/// `value_parser = duration_in(Duration::from_millis(1), Duration::from_secs(7 * 86_400))`.
+/// clap names the flag; the message gives the range: "must be between 1ms and 7d: got 1e9d".
+pub fn duration_in(
+    min: Duration,
+    max: Duration,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |text: &str| {
+        let nanos = duration_nanos(text)?;
+        if nanos < min.as_nanos() || nanos > max.as_nanos() {
+            return Err(format!(
+                "must be between {} and {}: got {}",
+                format_duration(min),
+                format_duration(max),
+                text.trim()
+            ));
+        }
+        parse_duration(text)
+    }
+}
+
+/// Writes a duration in the largest unit that states it exactly: `7d`, `100ms`, `1500us`, `0s`.
+pub fn format_duration(duration: Duration) -> String {
+    let nanos = duration.as_nanos();
+    if nanos == 0 {
+        return "0s".into();
+    }
+    let (unit, size) = DURATION_UNITS
+        .iter()
+        .find(|(_, size)| nanos.is_multiple_of(*size))
+        .copied()
+        .unwrap_or(("ns", 1));
+    format!("{}{unit}", nanos / size)
+}
+
+/// The nanoseconds a duration text stands for, saturating at `u128::MAX` for absurd values so that
+/// range checks report them as out of range rather than as unreadable.
+fn duration_nanos(text: &str) -> Result<u128, String> {
+    let s = text.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let unit_nanos = match unit {
+        "" => NANOS_PER_SEC,
+        "µs" => 1_000,
+        _ => match DURATION_UNITS.iter().find(|(name, _)| *name == unit) {
+            Some(&(_, size)) => size,
+            None => {
+                return Err(format!(
+                    "bad duration '{s}': unit '{unit}' is not one of ns, us, ms, s, m, h, d"
+                ))
+            }
+        },
+    };
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    let bad = || format!("bad duration '{s}': write e.g. 10s, 500ms or 2m");
+    if (whole.is_empty() && fraction.is_empty()) || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    // `whole` holds only digits, so a parse failure past the empty case means overflow.
+    let whole_nanos = match whole {
+        "" => 0,
+        digits => digits
+            .parse::<u128>()
+            .ok()
+            .and_then(|w| w.checked_mul(unit_nanos))
+            .unwrap_or(u128::MAX),
+    };
+    // 18 fraction digits are more than a nanosecond of a day needs (14), and keep the product
+    // below 10^18 * 8.64 * 10^13, far inside u128.
+    let fraction = &fraction[..fraction.len().min(18)];
+    let fraction_nanos = match fraction {
+        "" => 0,
+        digits => {
+            let value: u128 = digits.parse().map_err(|_| bad())?;
+            value * unit_nanos / 10u128.pow(digits.len() as u32)
+        }
+    };
+    Ok(whole_nanos.saturating_add(fraction_nanos))
+}
+
 #[cfg(test)]
 mod test {
     use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration(" 250ms "), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("0.001"), Ok(Duration::from_millis(1)));
+        assert_eq!(parse_duration(".5s"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("150us"), Ok(Duration::from_micros(150)));
+        assert_eq!(parse_duration("150µs"), Ok(Duration::from_micros(150)));
+        assert_eq!(parse_duration("0.3s"), Ok(Duration::from_millis(300)));
+        assert_eq!(parse_duration("1.0000000009s"), Ok(Duration::new(1, 0)));
+        for bad in [
+            "ten",
+            "5 parsecs",
+            "",
+            ".",
+            "1.2.3s",
+            "-1s",
+            "1e30s",
+            "infs",
+            "NaN",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn absurd_durations_are_errors_not_panics() {
+        // u64::MAX seconds is a Duration (ranges refuse it); one more second is not.
+        assert!(parse_duration("18446744073709551615s").is_ok());
+        for huge in [
+            "18446744073709551616",
+            "20000000000000000000s",
+            "99999999999999999999999999999999999999999999999999d",
+            "213503982334602d",
+        ] {
+            let err = parse_duration(huge).unwrap_err();
+            assert!(err.contains("too long"), "{huge}: {err}");
+        }
+        // The longest duration there is still parses.
+        assert_eq!(
+            parse_duration("18446744073709551615.999999999s"),
+            Ok(Duration::MAX)
+        );
+    }
+
+    #[test]
+    fn ranges_name_their_bounds() {
+        let week = Duration::from_secs(7 * 86_400);
+        let parse = duration_in(Duration::from_millis(1), week);
+        assert_eq!(parse("1ms"), Ok(Duration::from_millis(1)));
+        assert_eq!(parse("7d"), Ok(week));
+        for (text, shown) in [
+            ("18446744073709551615s", "18446744073709551615s"),
+            ("999999999999999999999999999999999999999999d", "9999"),
+            ("7.000001d", "7.000001d"),
+            ("999us", "999us"),
+            ("0", "got 0"),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(
+                err.starts_with("must be between 1ms and 7d: got ") && err.contains(shown),
+                "{text}: {err}"
+            );
+        }
+        assert!(parse("soon").unwrap_err().contains("bad duration"));
+    }
+
+    #[test]
+    fn formats_in_the_largest_exact_unit() {
+        assert_eq!(format_duration(Duration::ZERO), "0s");
+        assert_eq!(format_duration(Duration::from_secs(86_400)), "1d");
+        assert_eq!(format_duration(Duration::from_secs(3_600)), "1h");
+        assert_eq!(format_duration(Duration::from_millis(100)), "100ms");
+        assert_eq!(format_duration(Duration::from_micros(1_500)), "1500us");
+        assert_eq!(format_duration(Duration::from_nanos(7)), "7ns");
+    }
 
     #[test]
     fn parses_the_readme_examples() {
