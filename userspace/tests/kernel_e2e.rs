@@ -400,6 +400,8 @@ fn bench_client_verifies_and_reports() {
     assert_eq!(r["sent"], 4000);
     assert_eq!(r["received"], 4000);
     assert_eq!(r["lost"], 0);
+    assert_eq!(r["late"], 0);
+    assert_eq!(r["unanswered"], 0);
     assert_eq!(r["invalid_replies"], 0);
     assert_eq!(r["duplicate_values"], 0);
     assert_eq!(r["last_counter_value"], 12000);
@@ -413,6 +415,9 @@ fn bench_client_verifies_and_reports() {
     assert!(r["received"].as_u64().unwrap() > 100);
     assert_eq!(r["received"], r["sent"]);
     assert_eq!(r["non_increasing"], 0);
+    // Streams never count requests as lost: a timeout there is "unanswered".
+    assert_eq!(r["lost"], 0);
+    assert_eq!(r["unanswered"], 0);
 
     // Open loop: the request count follows the rate, not the server's speed.
     let unix = server.spec("counter+unix");
@@ -440,7 +445,8 @@ fn bench_client_verifies_and_reports() {
 
 #[test]
 fn bench_reports_lost_requests_against_a_silent_port() {
-    // Nobody answers on this port: every request is lost after the timeout, none is invalid.
+    // Nobody answers on this port: every request is lost after the timeout, none is invalid, the
+    // report says there is no latency, and bench fails after printing it.
     let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
     let spec = format!("udp://{}", silent.local_addr().unwrap());
     let out = Command::new(BIN)
@@ -459,4 +465,26 @@ fn bench_reports_lost_requests_against_a_silent_port() {
     assert_eq!(r["sent"], 5);
     assert_eq!(r["received"], 0);
     assert_eq!(r["lost"], 5);
+    assert_eq!(r["late"], 0);
+    assert_eq!(r["invalid_replies"], 0);
+    assert!(r["latency_ns"].is_null(), "no fake percentiles: {r}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("none of the 5 requests was answered")
+            && stderr.contains("no latency to report"),
+        "{stderr}"
+    );
+
+    // The text report says so too instead of printing zero percentiles.
+    let out = Command::new(BIN)
+        .args(["bench", &spec, "--requests", "2", "--timeout", "50ms"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        stdout.contains("latency       none: no request was answered") && !stdout.contains("p50"),
+        "{stdout}"
+    );
 }
