@@ -338,7 +338,10 @@ pub fn run(
 }
 
 /// Takes one RX descriptor to exactly one counted outcome: admitted to the core (answered or dropped
-/// by it), or rejected before it for a reason of its own.
+/// by it), or rejected before it for a reason of its own. The frame goes through the steering
+/// program's rules (`UdpFrame::locate` and `check`, the same view the differential test holds against
+/// the program), so anything the program would not have steered is rejected for the reason it would
+/// have dropped it, or as malformed when the program would have passed it to the kernel.
 fn admit_frame(
     batch: &mut Batch,
     area: &mut UmemArea,
@@ -351,19 +354,15 @@ fn admit_frame(
             None,
         );
     };
-    // The XDP program steers only whole UDP datagrams for listeners: anything else is malformed.
-    let Some(loc) = UdpFrame::locate(frame) else {
+    let Some(udp) = UdpFrame::locate(frame) else {
         return (batch.reject(DropReason::Malformed, frame.len()), None);
     };
-    let payload = &frame[loc.payload_offset..loc.payload_offset + loc.payload_len];
-    if loc.source_port(frame) == Some(0) {
-        return (
-            batch.reject(DropReason::ZeroSourcePort, payload.len()),
-            None,
-        );
+    let protocol = protocols.lookup(frame, &udp);
+    if let Err(reason) = udp.check(frame, protocol) {
+        return (batch.reject(reason, udp.payload_len), None);
     }
-    let protocol = protocols.lookup(frame, &loc);
-    (batch.admit(protocol, payload), Some(loc))
+    let payload = &frame[udp.payload_offset..udp.payload_offset + udp.payload_len];
+    (batch.admit(protocol, payload), Some(udp))
 }
 
 fn publish(live: &XskLive, x: &xdpilone::xdp::XdpStatisticsV2) {
