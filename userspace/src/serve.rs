@@ -13,7 +13,7 @@ use crate::afxdp::{self, SocketParams, ZeroCopy};
 use crate::core::{Counter, LocalCounter, Protocol};
 use crate::http::{Access, AppState, HttpConfig, HttpListen, HttpServer, WorkerView};
 use crate::kernel::{self, PollMode, Scheduling, WorkerConfig};
-use crate::spec::{CpuId, CpuList, ListenSpec, Transport};
+use crate::spec::{duration_in, CpuId, CpuList, ListenSpec, Transport};
 use crate::stats::StatsSnapshot;
 use crate::sys;
 use crate::xdp::maps::XdpStat;
@@ -149,11 +149,11 @@ pub struct ServeArgs {
     pub http_rate_limit: u32,
 
     /// Time a client has to send a request's line and headers once it started (slowloris), e.g. 10s.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::bench::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration_in(Duration::from_millis(100), Duration::from_secs(3600)))]
     pub http_header_timeout: Duration,
 
     /// Time an idle keep-alive connection is kept open, e.g. 60s.
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = crate::bench::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration_in(Duration::from_secs(1), Duration::from_secs(86_400)))]
     pub http_idle_timeout: Duration,
 
     /// Most bytes that partial HTTP requests (line, headers, body still arriving) may hold in memory

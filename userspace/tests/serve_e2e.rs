@@ -94,3 +94,18 @@ fn kernel_path_drops_and_counts_source_port_zero() {
     assert_eq!(total_field(&output, "tx_errors"), 0, "{output}");
     assert_eq!(total_field(&output, "replies"), 1, "{output}");
 }
+
+#[test]
+fn extreme_durations_are_refused_with_the_flag_named() {
+    for (flag, value) in [
+        ("--http-idle-timeout", "10000000000000000000s"),
+        ("--http-idle-timeout", "0s"),
+        ("--http-header-timeout", "18446744073709551615s"),
+        ("--http-header-timeout", "1e300s"),
+        ("--http-max-pending", "1"),
+    ] {
+        let (ok, err) = serve_output(&["--listen", "udp://127.0.0.1:0", flag, value], &[]);
+        assert!(!ok, "{flag} {value} was accepted");
+        assert!(err.contains(flag), "{flag} {value}: {err}");
+    }
+}
