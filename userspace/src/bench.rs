@@ -3,8 +3,11 @@
 //! Closed loop (default): each connection keeps `--depth` requests in flight. Open loop (`--rate`):
 //! requests are scheduled at a constant rate and each latency is measured from the request's intended
 //! send time, so a stalled server shows up in the percentiles instead of slowing the client down
-//! (no coordinated omission, as in wrk2). Replies are matched to requests in order per connection;
-//! sockperf and echo replies carry the request's sequence number, so a lost datagram is recognised.
+//! (no coordinated omission, as in wrk2).
+//!
+//! A request unanswered within `--timeout` is lost (datagrams) or unanswered (streams: the server
+//! may still have applied it); a reply that comes after its request timed out is late: counted,
+//! never timed, never taken for the answer to a newer request. `Pending` holds the matching policy.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -351,6 +354,8 @@ pub fn new_histogram() -> Histogram<u64> {
 #[derive(Debug, Clone)]
 struct Plan {
     target: ListenSpec,
+    /// Connections over all threads.
+    connections: usize,
     depth: usize,
     increment: u64,
     message_size: usize,
@@ -387,6 +392,7 @@ impl Plan {
         };
         Ok(Plan {
             target: args.target.clone(),
+            connections: n_conns,
             depth: args.depth as usize,
             increment: args.increment,
             message_size: if args.target.protocol == Protocol::Counter {
@@ -1002,6 +1008,26 @@ struct Retired {
 }
 
 impl Flow {
+    /// Connection `global_index` of the run's `plan.connections`.
+    fn new(plan: &Plan, conn: Conn, global_index: usize, start: Instant) -> Flow {
+        // Spread open-loop connections evenly over one interval.
+        let offset = plan
+            .interval
+            .map(|iv| iv.mul_f64(global_index as f64 / plan.connections.max(1) as f64))
+            .unwrap_or_default();
+        Flow {
+            conn,
+            pending: Pending::with_capacity(plan.depth),
+            retired: Vec::new(),
+            next_seq: 1,
+            budget: plan.requests_per_conn.as_ref().map(|v| v[global_index]),
+            next_send: start + offset,
+            partial: Vec::new(),
+            unsent: Vec::new(),
+            last_value: None,
+        }
+    }
+
     /// Counter requests over UDP, after a timeout with nothing else in flight: sends from a fresh
     /// socket (a new source port) from now on, so a late reply can never be taken for the answer
     /// to a newer request. The old socket is read only to count late replies, and closed once they
@@ -1136,29 +1162,10 @@ impl<'a> Client<'a> {
             timer.as_fd(),
             EpollEvent::new(EpollFlags::EPOLLIN, TIMER_TOKEN),
         )?;
-        let n_total = plan
-            .requests_per_conn
-            .as_ref()
-            .map_or(1, |v| v.len().max(1));
         let mut flows: Vec<Flow> = Vec::with_capacity(conns.len());
         for (k, (global_index, conn)) in conns.into_iter().enumerate() {
             epoll.add(conn.fd(), EpollEvent::new(EpollFlags::EPOLLIN, k as u64))?;
-            // Spread open-loop connections evenly over one interval.
-            let offset = plan
-                .interval
-                .map(|iv| iv.mul_f64(global_index as f64 / n_total as f64))
-                .unwrap_or_default();
-            flows.push(Flow {
-                conn,
-                pending: Pending::with_capacity(plan.depth),
-                retired: Vec::new(),
-                next_seq: 1,
-                budget: plan.requests_per_conn.as_ref().map(|v| v[global_index]),
-                next_send: start + offset,
-                partial: Vec::new(),
-                unsent: Vec::new(),
-                last_value: None,
-            });
+            flows.push(Flow::new(plan, conn, global_index, start));
         }
         let direct = flows.len() == 1 && plan.interval.is_none();
         if direct && !plan.spin {
@@ -1414,6 +1421,119 @@ fn receive_replies(flow: &mut Flow, buf: &mut [u8], rec: &mut Recorder, once: bo
 #[cfg(test)]
 mod test {
     use super::*;
+
+    const TIMEOUT: Duration = Duration::from_millis(100);
+    const WINDOW: Option<Duration> = Some(Duration::from_millis(200));
+
+    /// Requests 1..=n sent 1 ms apart from `t0`.
+    fn sent(t0: Instant, n: u64) -> Pending {
+        let mut pending = Pending::default();
+        for seq in 1..=n {
+            pending.push(t0 + Duration::from_millis(seq), seq);
+        }
+        pending
+    }
+
+    fn ms(t0: Instant, ms: u64) -> Instant {
+        t0 + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn sequenced_replies_match_exactly_and_late_ones_are_late_once() {
+        let t0 = Instant::now();
+        let mut pending = sent(t0, 4);
+        // Request 1 times out; 2 is answered out of order; 1's reply then comes late, once.
+        assert_eq!(pending.expire(ms(t0, 101), TIMEOUT, WINDOW, t0), 1);
+        assert_eq!(pending.by_sequence(3), Attribution::Answers(ms(t0, 3)));
+        assert_eq!(pending.by_sequence(1), Attribution::Late { measured: true });
+        assert_eq!(pending.by_sequence(1), Attribution::Unexpected);
+        assert_eq!(pending.by_sequence(3), Attribution::Unexpected);
+        assert_eq!(pending.by_sequence(99), Attribution::Unexpected);
+        assert_eq!(pending.in_flight(), 2);
+    }
+
+    #[test]
+    fn timed_out_requests_are_forgotten_after_the_window() {
+        let t0 = Instant::now();
+        let mut pending = sent(t0, 2);
+        assert_eq!(pending.expire(ms(t0, 150), TIMEOUT, WINDOW, t0), 2);
+        assert!(pending.awaits_replies());
+        assert_eq!(pending.expire(ms(t0, 349), TIMEOUT, WINDOW, t0), 0);
+        assert!(pending.awaits_replies());
+        assert_eq!(pending.expire(ms(t0, 350), TIMEOUT, WINDOW, t0), 0);
+        assert!(!pending.awaits_replies());
+        assert_eq!(pending.by_sequence(1), Attribution::Unexpected);
+    }
+
+    #[test]
+    fn warm_up_requests_are_neither_lost_nor_late() {
+        let t0 = Instant::now();
+        let mut pending = sent(t0, 3);
+        // The warm-up ends after request 2 was sent.
+        assert_eq!(pending.expire(ms(t0, 200), TIMEOUT, WINDOW, ms(t0, 3)), 1);
+        assert_eq!(
+            pending.by_sequence(2),
+            Attribution::Late { measured: false }
+        );
+        assert_eq!(pending.by_sequence(3), Attribution::Late { measured: true });
+    }
+
+    #[test]
+    fn counter_replies_on_a_stream_answer_timed_out_requests_first() {
+        let t0 = Instant::now();
+        let mut pending = sent(t0, 1);
+        assert_eq!(pending.expire(ms(t0, 101), TIMEOUT, None, t0), 1);
+        pending.push(ms(t0, 102), 2);
+        // Stream replies come in order: the first one is the late answer to request 1.
+        assert_eq!(pending.in_order(true), Attribution::Late { measured: true });
+        assert_eq!(pending.in_order(true), Attribution::Answers(ms(t0, 102)));
+        assert_eq!(pending.in_order(true), Attribution::Unexpected);
+        // Streams remember timed-out requests until their reply comes.
+        pending.push(ms(t0, 103), 3);
+        assert_eq!(pending.expire(ms(t0, 100_000), TIMEOUT, None, t0), 1);
+        assert_eq!(pending.in_order(true), Attribution::Late { measured: true });
+    }
+
+    #[test]
+    fn counter_datagrams_are_late_only_with_nothing_in_flight() {
+        let t0 = Instant::now();
+        let mut pending = sent(t0, 1);
+        assert_eq!(pending.expire(ms(t0, 101), TIMEOUT, WINDOW, t0), 1);
+        assert!(pending.only_timed_out());
+        assert_eq!(
+            pending.in_order(false),
+            Attribution::Late { measured: true }
+        );
+        assert_eq!(pending.in_order(false), Attribution::Unexpected);
+        // With a newer request in flight a reply without an id goes to it: this is why a
+        // timed-out counter flow moves to a fresh socket before sending again.
+        let mut pending = sent(t0, 1);
+        pending.expire(ms(t0, 101), TIMEOUT, WINDOW, t0);
+        pending.push(ms(t0, 102), 2);
+        assert!(!pending.only_timed_out());
+        assert_eq!(pending.in_order(false), Attribution::Answers(ms(t0, 102)));
+        assert_eq!(
+            pending.in_order(false),
+            Attribution::Late { measured: true }
+        );
+    }
+
+    #[test]
+    fn rates_outside_the_range_are_refused() {
+        assert_eq!(parse_rate("50000"), Ok(50_000.0));
+        assert_eq!(parse_rate("0.01"), Ok(0.01));
+        assert_eq!(parse_rate("1e9"), Ok(1e9));
+        for bad in ["1e-300", "0", "-5", "1.1e9", "inf", "NaN", "fast", ""] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_histogram_holds_the_longest_timeout() {
+        let mut h = new_histogram();
+        h.record(MAX_TIMEOUT.as_nanos() as u64).unwrap();
+        assert!(h.max() >= MAX_TIMEOUT.as_nanos() as u64);
+    }
 
     #[test]
     fn hgrm_has_percentiles_and_footer() {
