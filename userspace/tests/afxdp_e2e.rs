@@ -125,6 +125,18 @@ fn afxdp_generic_mode_and_sigkill_leave_nothing() {
     }
     let sum = exactness_in_lab(&lab);
     assert!(sum > 0);
+    // Blocking workers sleep 100 ms a turn; their XDP_STATISTICS still refresh on a wall-clock
+    // deadline, so /metrics is never more than a few hundred milliseconds old.
+    std::thread::sleep(Duration::from_millis(1500));
+    let metrics = http_get_in(&lab.server_ns, &server, "/metrics");
+    for queue in 0..2 {
+        let age = metric_value(
+            &metrics,
+            &format!("ricochet_xsk_stats_age_seconds{{queue=\"{queue}\"}}"),
+        )
+        .unwrap_or_else(|| panic!("no statistics age for queue {queue}:\n{metrics}"));
+        assert!(age < 0.5, "queue {queue}: XDP_STATISTICS are {age} s old");
+    }
     // SIGKILL: no chance to clean up; the BPF link dies with the process.
     let _ = server.signal(nix::sys::signal::Signal::SIGKILL);
     std::thread::sleep(Duration::from_millis(200));
@@ -132,6 +144,33 @@ fn afxdp_generic_mode_and_sigkill_leave_nothing() {
         !lab.server_has_xdp(),
         "the XDP program must be gone after SIGKILL"
     );
+}
+
+/// GET `path` from the server's HTTP endpoint (on loopback inside namespace `ns`); returns the body.
+fn http_get_in(ns: &str, server: &Server, path: &str) -> String {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = server
+        .spec("http+http://")
+        .trim_start_matches("http+http://")
+        .parse()
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    in_netns(ns, move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).unwrap();
+        response
+    })
+    .join()
+    .unwrap()
+}
+
+/// The value of the first exposition line that starts with `series` (name and labels).
+fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|rest| rest.trim().parse().ok())
 }
 
 /// The CPUs a thread of `pid` named `name` may run on and its scheduling policy (0 normal, 1 FIFO).

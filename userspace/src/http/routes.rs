@@ -427,6 +427,7 @@ pub fn metrics_text(state: &AppState) -> String {
         .into_iter()
         .map(|(name, _)| (name, Family::default()))
         .collect();
+    let xsk_age = Family::<XskLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
     for w in state.workers.lock().expect("not poisoned").iter() {
         if let Some(live) = &w.xsk {
             for ((_, value), (_, family)) in live.fields().iter().zip(&xsk_fields) {
@@ -434,8 +435,19 @@ pub fn metrics_text(state: &AppState) -> String {
                     .get_or_create(&XskLabels { queue: w.id })
                     .inc_by(*value);
             }
+            if let Some(age) = live.age() {
+                xsk_age
+                    .get_or_create(&XskLabels { queue: w.id })
+                    .set(age.as_secs_f64());
+            }
         }
     }
+    registry.register_with_unit(
+        "xsk_stats_age",
+        "Time since the AF_XDP worker last refreshed its XDP_STATISTICS",
+        prometheus_client::registry::Unit::Seconds,
+        xsk_age,
+    );
     for field in state.http_conns.fields() {
         register_field(&mut registry, &field);
     }
@@ -526,11 +538,12 @@ pub fn stats_json(state: &AppState) -> serde_json::Value {
             v.insert("cpu".into(), json!(w.cpu.0));
             v.extend(record_json(&w.stats.snapshot()));
             if let Some(live) = &w.xsk {
-                let xsk: serde_json::Map<String, serde_json::Value> = live
+                let mut xsk: serde_json::Map<String, serde_json::Value> = live
                     .fields()
                     .iter()
                     .map(|(k, v)| (k.to_string(), json!(v)))
                     .collect();
+                xsk.insert("age_s".into(), json!(live.age().map(|a| a.as_secs_f64())));
                 v.insert("xsk".into(), serde_json::Value::Object(xsk));
             }
             serde_json::Value::Object(v)
