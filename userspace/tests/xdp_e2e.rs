@@ -62,6 +62,12 @@ fn xdp_mode_end_to_end() {
     assert_eq!(xdp_field(&output, "drop_bad_hash"), 3);
     assert_eq!(xdp_field(&output, "drop_wrong_length"), 2);
     assert_eq!(
+        xdp_field(&output, "drop_zero_source_port"),
+        1,
+        "the datagram from port 0 is dropped in the program"
+    );
+    assert_eq!(total_field(&output, "drop_zero_source_port"), 1);
+    assert_eq!(
         total_field(&output, "drop_bad_hash"),
         3,
         "XDP drops merge into the totals"
