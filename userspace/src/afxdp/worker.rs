@@ -282,7 +282,8 @@ pub fn run(
         tickets.clear();
         located.clear();
         for desc in &descs {
-            let (ticket, loc) = admit_frame(&mut core_batch, &mut rings.area, desc, &protocols);
+            let frame = rings.area.bytes_mut(desc.addr, desc.len);
+            let (ticket, loc) = admit_frame(&mut core_batch, frame, desc.len, &protocols);
             tickets.push(ticket);
             located.push(loc);
         }
@@ -342,15 +343,16 @@ pub fn run(
 /// program's rules (`UdpFrame::locate` and `check`, the same view the differential test holds against
 /// the program), so anything the program would not have steered is rejected for the reason it would
 /// have dropped it, or as malformed when the program would have passed it to the kernel.
+/// `frame` is None when the descriptor (of `desc_len` bytes) points outside the UMEM.
 fn admit_frame(
     batch: &mut Batch,
-    area: &mut UmemArea,
-    desc: &XdpDesc,
+    frame: Option<&mut [u8]>,
+    desc_len: u32,
     protocols: &ListenerProtocols,
 ) -> (Ticket, Option<UdpFrame>) {
-    let Some(frame) = area.bytes_mut(desc.addr, desc.len) else {
+    let Some(frame) = frame else {
         return (
-            batch.reject(DropReason::BadDescriptor, desc.len as usize),
+            batch.reject(DropReason::BadDescriptor, desc_len as usize),
             None,
         );
     };
@@ -493,6 +495,69 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 #[cfg(test)]
 mod test {
     use super::*;
+    use crate::wire::CounterRepr;
+    use etherparse::PacketBuilder;
+
+    fn udp_frame(source_port: u16, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+            .ipv4([198, 18, 0, 2], [198, 18, 0, 1], 64)
+            .udp(source_port, 7777)
+            .write(&mut out, payload)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn every_descriptor_ends_in_exactly_one_counted_outcome() {
+        let protocols = ListenerProtocols::new(vec![(
+            "198.18.0.1:7777".parse().unwrap(),
+            Protocol::Counter,
+        )]);
+        let valid = CounterRepr { value: 4 }.to_bytes();
+        let mut tcp = Vec::new();
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+            .ipv4([198, 18, 0, 2], [198, 18, 0, 1], 64)
+            .tcp(40000, 7777, 1, 1000)
+            .write(&mut tcp, &valid)
+            .unwrap();
+        let mut cases: Vec<(Option<Vec<u8>>, Option<DropReason>)> = vec![
+            (Some(udp_frame(40000, &valid)), None),
+            (None, Some(DropReason::BadDescriptor)),
+            (Some(tcp), Some(DropReason::Malformed)),
+            (Some(vec![0u8; 10]), Some(DropReason::Malformed)),
+            (Some(udp_frame(0, &valid)), Some(DropReason::ZeroSourcePort)),
+            (
+                Some(udp_frame(40000, &valid[..15])),
+                Some(DropReason::WrongLength),
+            ),
+            (
+                Some(udp_frame(40000, b"aaaaaaaaaaaaaaaa")),
+                Some(DropReason::BadHash),
+            ),
+        ];
+        let stats = WorkerStats::default();
+        let mut batch = Batch::new(&stats);
+        for (i, (frame, expected)) in cases.iter_mut().enumerate() {
+            let before = stats.snapshot();
+            let (ticket, located) = admit_frame(&mut batch, frame.as_deref_mut(), 64, &protocols);
+            let after = stats.snapshot();
+            assert_eq!(after.requests, before.requests + 1, "case {i}: one request");
+            assert_eq!(
+                after.total_drops() - before.total_drops(),
+                u64::from(expected.is_some()),
+                "case {i}: at most one drop"
+            );
+            match expected {
+                Some(reason) => {
+                    assert_eq!(ticket, Ticket::Drop(*reason), "case {i}");
+                    assert_eq!(after.drops(*reason), before.drops(*reason) + 1, "case {i}");
+                    assert!(!ticket.is_reply(), "case {i}: a drop is never answered");
+                }
+                None => assert!(ticket.is_reply() && located.is_some(), "case {i}"),
+            }
+        }
+    }
 
     #[test]
     fn every_is_due_at_once_then_once_per_interval() {
