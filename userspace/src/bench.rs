@@ -1048,7 +1048,8 @@ impl Flow {
         if let Conn::Udp(old) = std::mem::replace(&mut self.conn, fresh) {
             epoll.delete(old.as_fd())?;
             old.set_nonblocking(true)?;
-            let pending = std::mem::replace(&mut self.pending, Pending::with_capacity(1));
+            let pending = std::mem::take(&mut self.pending);
+            self.pending.in_flight.reserve(pending.in_flight.capacity());
             self.retired.push(Retired {
                 socket: old,
                 pending,

@@ -392,3 +392,32 @@ fn open_loop_connections_share_one_interval() {
     let sent = report(&out)["sent"].as_u64().unwrap();
     assert!((450..=550).contains(&sent), "sent {sent}");
 }
+
+#[test]
+fn a_lost_counter_reply_at_depth_4_keeps_the_counts_exact() {
+    // Counter replies carry no request id: at depth 4 the replies after a lost one are matched one
+    // request early (their latencies shift), but nothing is invalid and exactly one is lost.
+    let mut answer = counter_answerer();
+    let server = udp_server(0, Duration::ZERO, move |n, request| {
+        let reply = answer(request);
+        (n != 3).then_some(reply)
+    });
+    let out = bench(&[
+        &server.spec("udp"),
+        "-d",
+        "4",
+        "--requests",
+        "40",
+        "--timeout",
+        "100ms",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r = report(&out);
+    assert_eq!(r["sent"], 40, "{r}");
+    assert_eq!(r["received"], 39, "{r}");
+    assert_eq!(r["lost"], 1, "{r}");
+    assert_eq!(r["late"], 0, "{r}");
+    assert_eq!(r["invalid_replies"], 0, "{r}");
+    assert_eq!(r["non_increasing"], 0, "{r}");
+}
