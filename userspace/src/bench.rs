@@ -7,7 +7,8 @@
 //!
 //! A request unanswered within `--timeout` is lost (datagrams) or unanswered (streams: the server
 //! may still have applied it); a reply that comes after its request timed out is late: counted,
-//! never timed, never taken for the answer to a newer request. `Pending` holds the matching policy.
+//! never timed. `Pending` holds the matching policy and its one inexact case (counter replies,
+//! which carry no request id, over UDP at depth > 1).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -104,8 +105,6 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', value_name = "IPS")]
     pub sources: Vec<IpAddr>,
 }
-
-pub use crate::spec::parse_duration;
 
 const DAY: Duration = Duration::from_secs(86_400);
 /// `--duration` and `--hold` bounds: long runs are fine, an accidental year is not.
@@ -1269,7 +1268,7 @@ impl<'a> Client<'a> {
     /// and counts late replies on retired sockets.
     fn housekeeping(&mut self) -> Result<()> {
         let now = Instant::now();
-        let renumber = self.plan.target.protocol == Protocol::Counter
+        let fresh_after_timeout = self.plan.target.protocol == Protocol::Counter
             && !self.plan.target.transport.is_stream();
         let blocking = self.direct && !self.plan.spin;
         let read_retired = now >= self.next_retired_read;
@@ -1282,7 +1281,7 @@ impl<'a> Client<'a> {
                 // A stream reply can only be partial while a reply is awaited.
                 flow.partial.clear();
             }
-            if renumber && flow.pending.only_timed_out() {
+            if fresh_after_timeout && flow.pending.only_timed_out() {
                 flow.move_to_fresh_socket(&self.epoll, token as u64, blocking)?;
             }
             if read_retired && !flow.retired.is_empty() {
