@@ -512,6 +512,7 @@ mod test {
 
     use super::*;
     use crate::core::LocalCounter;
+    use crate::http::pending::PendingBudget;
 
     fn start(max_pending: u64) -> (HttpServer, Arc<AppState>, SocketAddr) {
         let counter = Arc::new(LocalCounter::default());
@@ -550,6 +551,26 @@ mod test {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    #[test]
+    fn a_worker_that_ended_is_noticed_unless_shutting_down() {
+        let (mut server, _state, addr) = start(PendingBudget::DEFAULT_LIMIT);
+        let mut conn = TcpStream::connect(addr).unwrap();
+        conn.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(status(&mut conn), Some(200));
+        assert!(!server.any_worker_finished());
+        // A worker thread that returned (as one does after an error or a panic).
+        let ended = std::thread::spawn(|| {});
+        wait_for("the thread to end", || ended.is_finished());
+        server.handles.push(ended);
+        assert!(server.any_worker_finished());
+        server.stop.store(true, Ordering::Relaxed);
+        assert!(
+            !server.any_worker_finished(),
+            "ending is expected once stopping"
+        );
+        server.shutdown();
     }
 
     #[test]
