@@ -2,8 +2,8 @@
 //! with SIGPROF; the result is pprof protobuf (read by `go tool pprof` and `pprof`) or a flamegraph SVG.
 //!
 //! Memory: symbolizing the samples goes through the backtrace crate, which maps the executable and
-//! keeps its parsed debug information (about 130 MB for a release build with debug info) in a
-//! process-wide cache; it is cleared after every profile. pprof itself keeps its sample table (4,096
+//! keeps its parsed debug information in a process-wide cache (about 64 MB for a release build with
+//! debug info); it is cleared after every profile. pprof itself keeps its sample table (4,096
 //! buckets of 4 stacks of up to 128 frames, about 66 MB) from the first profile on and reuses it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
