@@ -123,7 +123,7 @@ pub fn start(
     check_listener_addresses(iface, listeners)?;
     let mut program = XdpProgram::load(ProgramKind::Steer, listeners)?;
     let attached = program.attach(iface, xdp_mode, force)?;
-    let protocols = Arc::new(worker::ListenerProtocols::new(listeners.to_vec()));
+    let table = Arc::new(frame::Listeners::new(listeners));
 
     let mut workers = Vec::new();
     let mut zero_copy = true;
@@ -133,9 +133,9 @@ pub fn start(
         let xsk = Arc::new(crate::stats::XskLive::default());
         let live = xsk.clone();
         let (tx, rx) = std::sync::mpsc::channel();
-        let (params, protocols, stats2, counter, stop) = (
+        let (params, table, stats2, counter, stop) = (
             params.clone(),
-            protocols.clone(),
+            table.clone(),
             stats.clone(),
             counter.clone(),
             stop.clone(),
@@ -149,7 +149,7 @@ pub fn start(
                     let _ = tx.send(Err(e));
                     return Err(anyhow!(message));
                 }
-                worker::run(params, queue, protocols, stats2, counter, stop, tx, live)
+                worker::run(params, queue, table, stats2, counter, stop, tx, live)
             })
             .context("cannot spawn an AF_XDP worker")?;
         let started = rx

@@ -14,9 +14,9 @@ use anyhow::{anyhow, Context, Result};
 use xdpilone::xdp::XdpDesc;
 use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, UmemConfig, User};
 
-use super::frame::UdpFrame;
+use super::frame::{classify, Listeners, UdpFrame, Verdict};
 use super::umem::UmemArea;
-use crate::core::{Batch, Counter, Protocol, Ticket};
+use crate::core::{Batch, Counter, Ticket};
 use crate::kernel::PollMode;
 use crate::stats::{DropReason, WorkerStats, XskLive};
 use crate::sys;
@@ -189,7 +189,7 @@ pub struct Started {
 pub fn run(
     params: SocketParams,
     queue: u32,
-    protocols: Arc<ListenerProtocols>,
+    listeners: Arc<Listeners>,
     stats: Arc<WorkerStats>,
     counter: Arc<dyn Counter>,
     stop: Arc<AtomicBool>,
@@ -283,7 +283,7 @@ pub fn run(
         located.clear();
         for desc in &descs {
             let frame = rings.area.bytes_mut(desc.addr, desc.len);
-            let (ticket, loc) = admit_frame(&mut core_batch, frame, desc.len, &protocols);
+            let (ticket, loc) = admit_frame(&mut core_batch, frame, desc.len, &listeners);
             tickets.push(ticket);
             located.push(loc);
         }
@@ -339,16 +339,15 @@ pub fn run(
 }
 
 /// Takes one RX descriptor to exactly one counted outcome: admitted to the core (answered or dropped
-/// by it), or rejected before it for a reason of its own. The frame goes through the steering
-/// program's rules (`UdpFrame::locate` and `check`, the same view the differential test holds against
-/// the program), so anything the program would not have steered is rejected for the reason it would
-/// have dropped it, or as malformed when the program would have passed it to the kernel.
-/// `frame` is None when the descriptor (of `desc_len` bytes) points outside the UMEM.
+/// by it), or rejected before it for a reason of its own. The frame is classified by the same rules
+/// as the steering program (`frame::classify`), so the worker drops for the reasons the program
+/// would; a frame the program would not have steered here is `malformed`. `frame` is None when the
+/// descriptor (of `desc_len` bytes) points outside the UMEM.
 fn admit_frame(
     batch: &mut Batch,
     frame: Option<&mut [u8]>,
     desc_len: u32,
-    protocols: &ListenerProtocols,
+    listeners: &Listeners,
 ) -> (Ticket, Option<UdpFrame>) {
     let Some(frame) = frame else {
         return (
@@ -356,15 +355,17 @@ fn admit_frame(
             None,
         );
     };
-    let Some(udp) = UdpFrame::locate(frame) else {
-        return (batch.reject(DropReason::Malformed, frame.len()), None);
-    };
-    let protocol = protocols.lookup(frame, &udp);
-    if let Err(reason) = udp.check(frame, protocol) {
-        return (batch.reject(reason, udp.payload_len), None);
+    match classify(frame, listeners) {
+        Verdict::Pass => (batch.reject(DropReason::Malformed, frame.len()), None),
+        Verdict::Drop(reason) => (batch.reject(reason, frame.len()), None),
+        Verdict::Request {
+            frame: udp,
+            protocol,
+        } => {
+            let payload = &frame[udp.payload_offset..udp.payload_offset + udp.payload_len];
+            (batch.admit(protocol, payload), Some(udp))
+        }
     }
-    let payload = &frame[udp.payload_offset..udp.payload_offset + udp.payload_len];
-    (batch.admit(protocol, payload), Some(udp))
 }
 
 fn publish(live: &XskLive, x: &xdpilone::xdp::XdpStatisticsV2) {
@@ -455,46 +456,13 @@ fn transmit(rings: &mut Rings, replies: &[XdpDesc], free: &mut Vec<u64>) -> usiz
     sent
 }
 
-/// Which protocol answers a steered frame, by destination port (and address).
-#[derive(Debug, Clone, Default)]
-pub struct ListenerProtocols {
-    entries: Vec<(std::net::SocketAddr, Protocol)>,
-}
-
-impl ListenerProtocols {
-    pub fn new(entries: Vec<(std::net::SocketAddr, Protocol)>) -> ListenerProtocols {
-        ListenerProtocols { entries }
-    }
-
-    /// The protocol of the listener this frame was steered for (exact address first, then wildcard).
-    /// The XDP program only steers frames for listeners, so a miss means the table changed; such a
-    /// frame is treated as counter, whose strict checks drop anything unexpected.
-    pub fn lookup(&self, frame: &[u8], loc: &UdpFrame) -> Protocol {
-        let Some((ip, port)) = loc.destination(frame) else {
-            return Protocol::Counter;
-        };
-        let mut wildcard = None;
-        for (addr, protocol) in &self.entries {
-            if addr.port() != port {
-                continue;
-            }
-            if addr.ip() == ip {
-                return *protocol;
-            }
-            if addr.ip().is_unspecified() && addr.is_ipv4() == ip.is_ipv4() {
-                wildcard = Some(*protocol);
-            }
-        }
-        wildcard.unwrap_or(Protocol::Counter)
-    }
-}
-
 /// How long a blocking worker sleeps in poll() before looking at the stop flag.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 #[cfg(test)]
 mod test {
     use super::*;
+    use crate::core::Protocol;
     use crate::wire::CounterRepr;
     use etherparse::PacketBuilder;
 
@@ -510,10 +478,7 @@ mod test {
 
     #[test]
     fn every_descriptor_ends_in_exactly_one_counted_outcome() {
-        let protocols = ListenerProtocols::new(vec![(
-            "198.18.0.1:7777".parse().unwrap(),
-            Protocol::Counter,
-        )]);
+        let listeners = Listeners::new(&[("198.18.0.1:7777".parse().unwrap(), Protocol::Counter)]);
         let valid = CounterRepr { value: 4 }.to_bytes();
         let mut tcp = Vec::new();
         PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
@@ -540,7 +505,7 @@ mod test {
         let mut batch = Batch::new(&stats);
         for (i, (frame, expected)) in cases.iter_mut().enumerate() {
             let before = stats.snapshot();
-            let (ticket, located) = admit_frame(&mut batch, frame.as_deref_mut(), 64, &protocols);
+            let (ticket, located) = admit_frame(&mut batch, frame.as_deref_mut(), 64, &listeners);
             let after = stats.snapshot();
             assert_eq!(after.requests, before.requests + 1, "case {i}: one request");
             assert_eq!(
