@@ -481,6 +481,68 @@ fn a_request_trickled_byte_by_byte_times_out_on_time() {
     assert_eq!(get(addr, "/counter").json()["value"], 0);
 }
 
+/// `--http-max-pending` bounds the bytes all partial requests hold together: clients holding
+/// partial bodies beyond it get 503 and are closed; what was refused is in /metrics.
+#[test]
+fn partial_requests_beyond_max_pending_get_503() {
+    let server = Server::start(&[
+        "--listen",
+        "udp://127.0.0.1:0",
+        "--http-max-pending",
+        "262144",
+    ]);
+    let addr = http_addr(&server);
+    let head = b"POST /counter HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 65536\r\n\r\n";
+    // Ten clients each send 60,000 of the 65,536 body bytes they announce, and wait.
+    let clients: Vec<(TcpStream, BufReader<TcpStream>)> = (0..10)
+        .map(|_| {
+            let (mut s, r) = connect(addr);
+            s.write_all(head).unwrap();
+            s.write_all(&[b' '; 60_000]).unwrap();
+            (s, r)
+        })
+        .collect();
+    let sample = |metrics: &str, name: &str| -> u64 {
+        let line = metrics.lines().find(|l| l.starts_with(name)).unwrap();
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    // Wait until the server has read or refused every partial body.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let metrics = get(addr, "/metrics").text();
+        let held = sample(&metrics, "ricochet_http_pending_bytes ") / 60_000;
+        if held + sample(&metrics, "ricochet_http_pending_rejected_total ") >= 10 {
+            break metrics;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "partial bodies still unread:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut refused = 0;
+    for (s, mut r) in clients {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut line = String::new();
+        if r.read_line(&mut line).is_ok() && !line.is_empty() {
+            assert!(line.starts_with("HTTP/1.1 503 "), "{line:?}");
+            refused += 1;
+        }
+    }
+    // 256 KiB holds four partial bodies of 60,000 bytes (in buffers of up to 64 KiB), not five.
+    assert!((6..=7).contains(&refused), "{refused} of 10 refused");
+    assert_eq!(
+        sample(&metrics, "ricochet_http_pending_rejected_total "),
+        refused
+    );
+    assert_eq!(
+        sample(&metrics, "ricochet_http_pending_limit_bytes "),
+        262144
+    );
+    assert_eq!(get(addr, "/counter").json()["value"], 0);
+}
+
 #[test]
 fn non_loopback_needs_a_token_and_rate_limit_answers_429() {
     let out = Command::new(BIN)
