@@ -329,3 +329,112 @@ fn log_accept_error(error: &io::Error, what_next: &str) {
         tracing::warn!("accept: {error}: {what_next} (further accept errors muted for 5 s)");
     }
 }
+
+#[cfg(test)]
+mod test {
+    use std::io::Read;
+    use std::net::TcpStream;
+
+    use nix::sys::epoll::EpollCreateFlags;
+
+    use super::*;
+
+    fn tcp_listener() -> (StreamListener, std::net::SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        (StreamListener::Tcp(listener), addr)
+    }
+
+    #[test]
+    fn accept_errors_are_classified() {
+        let kind = |errno| classify(&io::Error::from_raw_os_error(errno));
+        assert_eq!(kind(libc::EAGAIN), AcceptError::Drained);
+        assert_eq!(kind(libc::ECONNABORTED), AcceptError::Retry);
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert_eq!(kind(errno), AcceptError::Exhausted);
+        }
+        assert_eq!(kind(libc::EINVAL), AcceptError::Other);
+    }
+
+    #[test]
+    fn connections_are_accepted_with_their_payload_and_tokens_map_back() {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
+        let (listener, addr) = tcp_listener();
+        let mut listeners = Listeners::new(vec![(7u8, listener)], 100);
+        listeners.register(&epoll).unwrap();
+        assert_eq!(
+            (listeners.index_of(100), listeners.index_of(101)),
+            (Some(0), None)
+        );
+        assert_eq!(listeners.index_of(99), None);
+        let _clients: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let mut accepted = Vec::new();
+        let refused = listeners.accept(&epoll, 0, 64, |payload, conn| {
+            accepted.push((payload, conn.peer));
+        });
+        assert_eq!(refused, 0);
+        assert_eq!(accepted.len(), 3);
+        assert!(accepted
+            .iter()
+            .all(|(p, peer)| *p == 7 && *peer == Some(addr.ip())));
+        listeners.close(&epoll);
+        assert!(listeners.is_empty());
+    }
+
+    #[test]
+    fn a_refused_connection_is_closed_and_the_reserve_reopened() {
+        let (listener, addr) = tcp_listener();
+        let mut client = TcpStream::connect(addr).unwrap();
+        let mut reserve = open_reserve();
+        assert_eq!(refuse_one(&listener, &mut reserve), Some(true));
+        assert!(reserve.is_some());
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        let ended = match client.read(&mut byte) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() == io::ErrorKind::ConnectionReset,
+        };
+        assert!(ended, "the refused client's connection is still open");
+        assert_eq!(refuse_one(&listener, &mut reserve), Some(false));
+    }
+
+    #[test]
+    fn a_failing_listener_leaves_epoll_for_a_pause_then_comes_back() {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
+        // Bound but never listening: accept fails with EINVAL, every time.
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(
+                &"127.0.0.1:0"
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap()
+                    .into(),
+            )
+            .unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let listener = StreamListener::Tcp(TcpListener::from(socket));
+        let mut listeners = Listeners::new(vec![((), listener)], 0);
+        listeners.register(&epoll).unwrap();
+        assert_eq!(listeners.wait_timeout(None), EpollTimeout::NONE);
+        assert_eq!(listeners.accept(&epoll, 0, 64, |(), _| {}), 0);
+        assert_eq!(listeners.paused, 1);
+        // Paused: epoll waits at most until the pause ends, however long it would wait otherwise.
+        let timeout = Duration::try_from(listeners.wait_timeout(None)).unwrap();
+        assert!(timeout > Duration::ZERO && timeout <= PAUSE + Duration::from_millis(1));
+        let timeout = listeners.wait_timeout(Some(Duration::from_millis(10)));
+        assert_eq!(
+            Duration::try_from(timeout).unwrap(),
+            Duration::from_millis(10)
+        );
+        listeners.resume_due(&epoll);
+        assert_eq!(listeners.paused, 1, "resumed before the pause ended");
+        std::thread::sleep(PAUSE);
+        listeners.resume_due(&epoll);
+        assert_eq!(listeners.paused, 0);
+        assert_eq!(listeners.wait_timeout(None), EpollTimeout::NONE);
+    }
+}
