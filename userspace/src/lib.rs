@@ -9,6 +9,7 @@
 pub mod afxdp;
 pub mod bench;
 pub mod core;
+pub mod fuzzing;
 pub mod http;
 pub mod hw;
 pub mod kernel;
