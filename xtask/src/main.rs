@@ -1,5 +1,6 @@
 //! `cargo xtask`: what cargo alone cannot express. `test` installs the system tools the tests need
-//! (as root) and runs the whole test suite; `lab` builds and removes the veth lab; `report` turns
+//! (as root) and runs the whole test suite; `lab` builds and removes the veth lab; `run` puts
+//! ricochet on a NIC; `fuzz` runs the cargo-fuzz targets for a bounded time; `report` turns
 //! bench/latency.sh's runs into its report.
 //!
 //! xtask deliberately does not depend on the ricochet crate: ricochet's build script needs clang,
@@ -11,6 +12,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context, Result};
 
+mod fuzz;
 mod report;
 mod run;
 
@@ -42,6 +44,9 @@ tasks:
                         check prerequisites, build, apply the profile, run ricochet serve on IF
                         (listeners on its address, HTTP on 127.0.0.1:9100); Ctrl-C stops it and
                         reverts the profile
+  fuzz [--seconds N] [TARGET...]
+                        build the cargo-fuzz targets in fuzz/ and run each (default all) for N
+                        seconds (default 30) from its seeds; fails naming every crashing input
   report DIR            results.md and latency.svg from the runs bench/latency.sh recorded in DIR";
 
 fn main() -> ExitCode {
@@ -50,6 +55,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("lab") => lab(&args[1..]),
         Some("run") => run::run(&args[1..]),
+        Some("fuzz") => fuzz::run(&args[1..]),
         Some("report") => match args.get(1) {
             Some(dir) => report::run(Path::new(dir)),
             None => Err(anyhow::anyhow!("usage: cargo xtask report RESULTS_DIR")),
