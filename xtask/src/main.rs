@@ -42,8 +42,8 @@ tasks:
   lab down              remove the lab
   run --iface IF [--mode afxdp|xdp|kernel] [--profile FILE] [-- SERVE ARGS]
                         check prerequisites, build, apply the profile, run ricochet serve on IF
-                        (listeners on its address, HTTP on 127.0.0.1:9100); Ctrl-C stops it and
-                        reverts the profile
+                        (listeners on its address, HTTP on 127.0.0.1:9100); Ctrl-C stops it; the
+                        profile is reverted however ricochet ends (also when it fails to start)
   fuzz [--seconds N] [TARGET...]
                         build the cargo-fuzz targets in fuzz/ and run each (default all) for N
                         seconds (default 30) from its seeds; fails naming every crashing input

@@ -1,6 +1,7 @@
 //! `cargo xtask run --iface IF [--mode afxdp|xdp|kernel] [--profile FILE] [-- SERVE ARGS]`: check the
 //! prerequisites, build, apply the profile, run `ricochet serve` on the interface with listeners on its
-//! address and the HTTP endpoints on loopback; Ctrl-C stops it and reverts the profile.
+//! address and the HTTP endpoints on loopback; Ctrl-C stops it. The profile is reverted however
+//! ricochet ends: stopped, exited on its own, or unable to start.
 #![allow(unsafe_code)]
 
 use std::path::{Path, PathBuf};
