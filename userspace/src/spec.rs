@@ -126,15 +126,25 @@ impl fmt::Display for CpuId {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct CpuList(pub Vec<CpuId>);
 
+/// The largest CPU number Linux can have (NR_CPUS is at most 8192); also bounds queue lists.
+pub const MAX_CPU_ID: usize = 8191;
+
 impl FromStr for CpuList {
     type Err = String;
     fn from_str(s: &str) -> Result<CpuList, String> {
         let mut cpus = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let parse = |n: &str| {
-                n.trim().parse::<usize>().map_err(|_| {
+                let cpu = n.trim().parse::<usize>().map_err(|_| {
                     format!("bad CPU list '{s}': '{n}' is not a CPU number; write e.g. 0-3,6")
-                })
+                })?;
+                // Checked before a range is expanded, so no list can ask for an absurd allocation.
+                if cpu > MAX_CPU_ID {
+                    return Err(format!(
+                        "bad CPU list '{s}': {cpu} is beyond {MAX_CPU_ID}, the largest CPU (or queue) number Linux supports"
+                    ));
+                }
+                Ok(cpu)
             };
             match part.split_once('-') {
                 Some((lo, hi)) => {
@@ -395,5 +405,17 @@ mod test {
         assert!("1,1".parse::<CpuList>().is_err());
         assert!("x".parse::<CpuList>().is_err());
         assert!("".parse::<CpuList>().is_err());
+        // Found by fuzzing: huge ranges were expanded before any check (capacity overflow, a 333 TB
+        // allocation, or minutes of work).
+        for huge in [
+            "0-18446744073709551615",
+            "1840-41674407377955",
+            "86-898999",
+            "8192",
+        ] {
+            let err = huge.parse::<CpuList>().unwrap_err();
+            assert!(err.contains("beyond 8191"), "{huge}: {err}");
+        }
+        assert_eq!("8191".parse::<CpuList>().unwrap().0, vec![CpuId(8191)]);
     }
 }
