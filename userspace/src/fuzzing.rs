@@ -285,12 +285,7 @@ pub fn http(data: &[u8]) {
                     "a request parses the same without what follows it"
                 );
                 let request = Request {
-                    method: head.method,
-                    path: head.path,
-                    query: head.query,
-                    content_type: head.content_type,
-                    authorization: head.authorization,
-                    body: head.body,
+                    head,
                     local_peer: true,
                 };
                 check_routed(routes::route(&request, state, &access));

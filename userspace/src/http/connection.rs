@@ -132,12 +132,7 @@ impl Responder {
                 Response::error(429, "rate limit exceeded for this source: slow down")
             } else {
                 let request = Request {
-                    method: head.method,
-                    path: head.path,
-                    query: head.query,
-                    content_type: head.content_type,
-                    authorization: head.authorization,
-                    body: head.body,
+                    head,
                     local_peer: conn.local,
                 };
                 match routes::route(&request, &self.state, &self.access) {

@@ -11,6 +11,7 @@ use prometheus_client::registry::{Metric, Registry, Unit};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use super::request::Head;
 use super::state::{AppState, RouteLabel, RouteStatus};
 use crate::core::{Batch, Protocol};
 use crate::stats::{DropReason, Field, FieldKind, StatsSnapshot, XskLive};
@@ -19,15 +20,10 @@ use crate::wire::{CounterRepr, FRAME_LEN};
 /// The dashboard page, embedded in the binary.
 pub const DASHBOARD: &str = include_str!("dashboard.html");
 
-/// A request as the router needs it.
+/// A request as the router needs it: the parsed head and body, and who sent it.
 #[derive(Debug)]
 pub struct Request<'a> {
-    pub method: &'a str,
-    pub path: &'a str,
-    pub query: &'a str,
-    pub content_type: Option<&'a str>,
-    pub authorization: Option<&'a str>,
-    pub body: &'a [u8],
+    pub head: Head<'a>,
     /// Whether the client connected from loopback or a Unix socket.
     pub local_peer: bool,
 }
@@ -126,7 +122,11 @@ impl Access {
         let Some(token) = &self.token else {
             return true;
         };
-        let Some(given) = req.authorization.and_then(|h| h.strip_prefix("Bearer ")) else {
+        let Some(given) = req
+            .head
+            .authorization
+            .and_then(|h| h.strip_prefix("Bearer "))
+        else {
             return false;
         };
         given.as_bytes().ct_eq(token.as_bytes()).into()
@@ -160,8 +160,8 @@ pub enum Routed {
 
 /// Routes one request.
 pub fn route(req: &Request, state: &AppState, access: &Access) -> Routed {
-    let response = match req.path {
-        "/" => match req.method {
+    let response = match req.head.path {
+        "/" => match req.head.method {
             "GET" | "HEAD" => Response::new(
                 200,
                 "text/html; charset=utf-8",
@@ -169,20 +169,20 @@ pub fn route(req: &Request, state: &AppState, access: &Access) -> Routed {
             ),
             _ => method_not_allowed("Allow: GET, HEAD"),
         },
-        "/healthz" => match req.method {
+        "/healthz" => match req.head.method {
             "GET" | "HEAD" => {
                 Response::new(200, "text/plain; charset=utf-8", Body::Static(b"ok\n"))
             }
             _ => method_not_allowed("Allow: GET, HEAD"),
         },
-        "/readyz" => match req.method {
+        "/readyz" => match req.head.method {
             "GET" | "HEAD" => match state.readiness.reason() {
                 None => Response::json(200, json!({ "ready": true })),
                 Some(reason) => Response::json(503, json!({ "ready": false, "reason": reason })),
             },
             _ => method_not_allowed("Allow: GET, HEAD"),
         },
-        "/metrics" => match req.method {
+        "/metrics" => match req.head.method {
             "GET" | "HEAD" => Response::new(
                 200,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -190,19 +190,19 @@ pub fn route(req: &Request, state: &AppState, access: &Access) -> Routed {
             ),
             _ => method_not_allowed("Allow: GET, HEAD"),
         },
-        "/stats" => match req.method {
+        "/stats" => match req.head.method {
             "GET" | "HEAD" => Response::json(200, stats_json(state)),
             _ => method_not_allowed("Allow: GET, HEAD"),
         },
-        "/counter" => match req.method {
+        "/counter" => match req.head.method {
             "GET" | "HEAD" => Response::json(200, json!({ "value": state.counter.load() })),
             "POST" if !access.allows(req) => unauthorized(),
             "POST" => post_counter(req, state),
             _ => method_not_allowed("Allow: GET, HEAD, POST"),
         },
-        "/debug/pprof/profile" => match req.method {
+        "/debug/pprof/profile" => match req.head.method {
             "GET" if !access.allows(req) => unauthorized(),
-            "GET" => return profile_request(req.query),
+            "GET" => return profile_request(req.head.query),
             _ => method_not_allowed("Allow: GET"),
         },
         _ => Response::error(
@@ -252,6 +252,7 @@ fn profile_request(query: &str) -> Routed {
 /// POST /counter: a JSON body `{"increment": N}` or the 16-byte binary frame.
 fn post_counter(req: &Request, state: &AppState) -> Response {
     let content_type = req
+        .head
         .content_type
         .unwrap_or("")
         .split(';')
@@ -260,22 +261,22 @@ fn post_counter(req: &Request, state: &AppState) -> Response {
         .trim();
     match content_type {
         "application/octet-stream" => {
-            if req.body.len() != FRAME_LEN {
+            if req.head.body.len() != FRAME_LEN {
                 state.http_counter_stats.count_drop(DropReason::WrongLength);
                 return Response::error(400, "a binary counter frame is exactly 16 bytes");
             }
             let mut batch = Batch::new(&state.http_counter_stats);
-            let ticket = batch.admit(Protocol::Counter, req.body);
+            let ticket = batch.admit(Protocol::Counter, req.head.body);
             let commit = batch.commit(&*state.counter);
             let mut reply = [0u8; FRAME_LEN];
-            if commit.write_reply(ticket, req.body, &mut reply) != FRAME_LEN {
+            if commit.write_reply(ticket, req.head.body, &mut reply) != FRAME_LEN {
                 return Response::error(400, "the frame's hash does not match its value");
             }
             state.http_counter_stats.replies.add(1);
             Response::new(200, "application/octet-stream", Body::Owned(reply.to_vec()))
         }
         "application/json" | "" => {
-            let increment = serde_json::from_slice::<serde_json::Value>(req.body)
+            let increment = serde_json::from_slice::<serde_json::Value>(req.head.body)
                 .ok()
                 .and_then(|v| v.get("increment").and_then(|i| i.as_u64()));
             let Some(increment) = increment else {
