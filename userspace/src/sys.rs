@@ -22,6 +22,8 @@ pub struct MmsgBatch {
     send_hdrs: Box<[libc::mmsghdr]>,
     /// For each slot: bytes received and whether the datagram was cut (MSG_TRUNC).
     received: Box<[(usize, bool)]>,
+    /// Slots filled by the last receive: only they have an address to reply to.
+    filled: usize,
 }
 
 // SAFETY: the raw pointers in the headers only point into the struct's own boxed slices; moving the
@@ -47,6 +49,7 @@ impl MmsgBatch {
             send_iov: vec![empty_iov; slots].into_boxed_slice(),
             send_hdrs: vec![zeroed_hdr; slots].into_boxed_slice(),
             received: vec![(0, false); slots].into_boxed_slice(),
+            filled: 0,
         };
         let data = batch.data.as_mut_ptr();
         for i in 0..slots {
@@ -76,6 +79,7 @@ impl MmsgBatch {
             hdr.msg_controllen = 0;
             hdr.msg_flags = 0;
         }
+        self.filled = 0;
         // SAFETY: every header points at a live sockaddr_storage and a live iovec of slot_size bytes
         // inside self; the kernel writes at most those lengths. n_slots is the headers' length.
         let n = unsafe {
@@ -99,6 +103,7 @@ impl MmsgBatch {
             };
         }
         let n = n as usize;
+        self.filled = n;
         for i in 0..n {
             let hdr = &self.recv_hdrs[i];
             let truncated = hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
@@ -141,8 +146,8 @@ impl MmsgBatch {
 
     /// Sends replies in place: `replies` lists (slot, reply length) pairs; each goes back to the
     /// address slot `slot` came from. Retries short batches; a reply the kernel refuses with an error
-    /// other than would-block is skipped. An entry naming a slot beyond `slots()` or a length beyond
-    /// the slot size is never handed to the kernel: it counts as refused. Returns (sent, sent bytes,
+    /// other than would-block is skipped. An entry naming a slot the last receive did not fill, or a
+    /// length beyond the slot size, is never handed to the kernel: it counts as refused. Returns (sent, sent bytes,
     /// refused).
     pub fn send(&mut self, fd: RawFd, replies: &[(u16, u16)]) -> (usize, usize, usize) {
         let data = self.data.as_mut_ptr();
@@ -150,13 +155,13 @@ impl MmsgBatch {
         let mut invalid = 0;
         for &(slot, len) in replies {
             let (slot, len) = (slot as usize, len as usize);
-            if slot >= self.slots() || len > self.slot_size || n == self.slots() {
+            if slot >= self.filled || len > self.slot_size || n == self.slots() {
                 invalid += 1;
                 continue;
             }
             let k = n;
             n += 1;
-            // SAFETY: slot < slots was checked above, so slot * slot_size + len <= slots * slot_size,
+            // SAFETY: slot < filled <= slots was checked above, so slot * slot_size + len <= slots * slot_size,
             // the length of data: the iovec lies inside the buffer.
             self.send_iov[k].iov_base = unsafe { data.add(slot * self.slot_size) }.cast();
             self.send_iov[k].iov_len = len;
@@ -407,10 +412,11 @@ mod test {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert_eq!(n, 1);
-        // A slot beyond the batch and a length beyond the slot never reach the kernel.
+        // A slot beyond the batch, a slot the receive did not fill (no peer address) and a length
+        // beyond the slot never reach the kernel.
         assert_eq!(
-            batch.send(server.as_raw_fd(), &[(2, 4), (0, 33)]),
-            (0, 0, 2)
+            batch.send(server.as_raw_fd(), &[(2, 4), (1, 4), (0, 33)]),
+            (0, 0, 3)
         );
         // A valid entry beside them still goes out.
         assert_eq!(batch.send(server.as_raw_fd(), &[(7, 1), (0, 4)]), (1, 4, 1));
