@@ -196,7 +196,15 @@ pub fn run(
     started: std::sync::mpsc::Sender<Result<Started>>,
     live: Arc<XskLive>,
 ) -> Result<XskStats> {
-    let mut rings = match open_with_fallback(&params, queue) {
+    let opened = open_with_fallback(&params, queue).and_then(|rings| {
+        if let Some(usecs) = params.busy_poll_usecs {
+            sys::set_busy_poll(rings.rx.as_raw_fd(), usecs, params.busy_poll_budget)
+                .context("cannot enable busy polling on the AF_XDP socket")?;
+        }
+        Ok(rings)
+    });
+    // Start-up waits for this message: every failure before it says why.
+    let mut rings = match opened {
         Ok(r) => r,
         Err(e) => {
             let message = format!("{e:#}");
@@ -205,10 +213,6 @@ pub fn run(
         }
     };
     let fd = rings.rx.as_raw_fd();
-    if let Some(usecs) = params.busy_poll_usecs {
-        sys::set_busy_poll(fd, usecs, params.busy_poll_budget)
-            .context("cannot enable busy polling on the AF_XDP socket")?;
-    }
     let _ = started.send(Ok(Started {
         fd,
         zero_copy: rings.zero_copy,
@@ -283,7 +287,7 @@ pub fn run(
         located.clear();
         for desc in &descs {
             let frame = rings.area.bytes_mut(desc.addr, desc.len);
-            let (ticket, loc) = admit_frame(&mut core_batch, frame, desc.len, &listeners);
+            let (ticket, loc) = admit_frame(&mut core_batch, frame, &listeners);
             tickets.push(ticket);
             located.push(loc);
         }
@@ -342,22 +346,24 @@ pub fn run(
 /// by it), or rejected before it for a reason of its own. The frame is classified by the same rules
 /// as the steering program (`frame::classify`), so the worker drops for the reasons the program
 /// would; a frame the program would not have steered here is `malformed`. `frame` is None when the
-/// descriptor (of `desc_len` bytes) points outside the UMEM.
+/// descriptor points outside the UMEM.
 fn admit_frame(
     batch: &mut Batch,
     frame: Option<&mut [u8]>,
-    desc_len: u32,
     listeners: &Listeners,
 ) -> (Ticket, Option<UdpFrame>) {
     let Some(frame) = frame else {
-        return (
-            batch.reject(DropReason::BadDescriptor, desc_len as usize),
-            None,
-        );
+        // A descriptor outside the UMEM: no bytes can be read, none are counted.
+        return (batch.reject(DropReason::BadDescriptor, 0), None);
     };
+    // rx_bytes counts payload bytes on every datapath: what the frame holds of the UDP payload, none
+    // for a frame that is not a datagram for a listener.
     match classify(frame, listeners) {
-        Verdict::Pass => (batch.reject(DropReason::Malformed, frame.len()), None),
-        Verdict::Drop(reason) => (batch.reject(reason, frame.len()), None),
+        Verdict::Pass => (batch.reject(DropReason::Malformed, 0), None),
+        Verdict::Drop(reason) => {
+            let payload = UdpFrame::locate(frame).map_or(0, |udp| udp.payload_len);
+            (batch.reject(reason, payload), None)
+        }
         Verdict::Request {
             frame: udp,
             protocol,
@@ -505,7 +511,7 @@ mod test {
         let mut batch = Batch::new(&stats);
         for (i, (frame, expected)) in cases.iter_mut().enumerate() {
             let before = stats.snapshot();
-            let (ticket, located) = admit_frame(&mut batch, frame.as_deref_mut(), 64, &listeners);
+            let (ticket, located) = admit_frame(&mut batch, frame.as_deref_mut(), &listeners);
             let after = stats.snapshot();
             assert_eq!(after.requests, before.requests + 1, "case {i}: one request");
             assert_eq!(
