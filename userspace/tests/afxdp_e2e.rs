@@ -135,7 +135,7 @@ fn afxdp_generic_mode_and_sigkill_leave_nothing() {
             &format!("ricochet_xsk_stats_age_seconds{{queue=\"{queue}\"}}"),
         )
         .unwrap_or_else(|| panic!("no statistics age for queue {queue}:\n{metrics}"));
-        assert!(age < 0.5, "queue {queue}: XDP_STATISTICS are {age} s old");
+        assert!(age < 1.0, "queue {queue}: XDP_STATISTICS are {age} s old");
     }
     // SIGKILL: no chance to clean up; the BPF link dies with the process.
     let _ = server.signal(nix::sys::signal::Signal::SIGKILL);

@@ -474,7 +474,7 @@ fn a_request_trickled_byte_by_byte_times_out_on_time() {
         assert_eq!(status, 408, "a trickled {what}");
         // 2 s of deadline, swept once a second.
         assert!(
-            elapsed < Duration::from_millis(3_800),
+            elapsed < Duration::from_millis(4_500),
             "a trickled {what} got its 408 after {elapsed:?}"
         );
     }

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use ricochet::wire::CounterRepr;
 
+mod skip;
+pub use skip::skip;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_ricochet");
 
 /// A running server; killed when dropped so a failing test leaves nothing behind.
@@ -215,26 +218,7 @@ pub fn have(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Whether a skipped test must fail instead: under `cargo xtask test` (RICOCHET_REQUIRE_TOOLS=1) and
-/// in CI (CI=true) every test must really run.
-pub fn skips_fail() -> bool {
-    std::env::var_os("RICOCHET_REQUIRE_TOOLS").is_some()
-        || std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
-/// Skips a test with a printed reason, or fails it when skips must fail (see [`skips_fail`]).
-/// Returns false so callers can write `if !cond { return skip(..) }`.
-pub fn skip(reason: &str) -> bool {
-    if skips_fail() {
-        panic!(
-            "cannot run this test: {reason} (RICOCHET_REQUIRE_TOOLS or CI is set, so a skip fails)"
-        );
-    }
-    eprintln!("SKIP: {reason}");
-    false
-}
-
-/// True when the test runs as root; otherwise skips (or fails under CI, see [`skip`]).
+/// True when the test runs as root; otherwise skips (or fails under CI, see `skip`).
 pub fn require_root(what: &str) -> bool {
     is_root() || skip(&format!("{what} needs root"))
 }
