@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{bail, Context, Result};
 
@@ -213,28 +214,44 @@ struct Launch {
 }
 
 /// Applies the profile, runs ricochet until it exits, and reverts the profile on every way out: a
-/// serve that cannot be spawned, exits at once, or is stopped with Ctrl-C (see [`AppliedProfile`]).
+/// serve that cannot be spawned or exits at once, Ctrl-C, and SIGTERM or SIGHUP sent to xtask at any
+/// time, also while the profile is being applied (see [`AppliedProfile`] and [`StopSignals`]).
 fn launch(l: &Launch) -> Result<()> {
+    let signals = StopSignals::install();
     let profile = match &l.profile {
         Some(profile) => Some(AppliedProfile::apply(&l.hw, profile, &l.state)?),
         None => None,
     };
-    let mut child = Command::new(&l.serve_program)
-        .args(&l.serve)
-        .spawn()
+    if let Some(signal) = signals.received() {
+        bail!("stopped by signal {signal} before ricochet started; the profile was reverted");
+    }
+    let mut serve = Command::new(&l.serve_program);
+    let status = run_child(serve.args(&l.serve))
         .with_context(|| format!("cannot start {}", l.serve_program.display()))?;
-    // Ctrl-C reaches ricochet (same process group) and stops it cleanly; xtask ignores it so that it
-    // can restore the profile afterwards. Set only now: a child spawned earlier would inherit it.
-    let sigint = SigintIgnored::install();
-    let status = child.wait();
-    // Revert while Ctrl-C is still ignored, so a second Ctrl-C cannot interrupt the revert.
+    // Revert while the signals are still caught, so a second one cannot interrupt the revert.
     drop(profile);
-    drop(sigint);
-    let status = status.context("waiting for ricochet")?;
+    if let Some(signal) = signals.received().filter(|&s| s != libc::SIGINT) {
+        bail!("stopped by signal {signal}; ricochet exited with {status} and the profile was reverted");
+    }
     if !status.success() {
         bail!("ricochet serve exited with {status}");
     }
     Ok(())
+}
+
+/// Runs a child to completion; a stop signal xtask catches meanwhile is passed on to it.
+fn run_child(command: &mut Command) -> std::io::Result<std::process::ExitStatus> {
+    let mut child = command.spawn()?;
+    CHILD.store(child.id() as i32, Ordering::SeqCst);
+    // A signal that came before the child's pid was known is passed on now.
+    let early = STOP_SIGNAL.load(Ordering::SeqCst);
+    if early != 0 {
+        // SAFETY: kill takes no pointers; the pid is our own child's, not yet reaped.
+        unsafe { libc::kill(child.id() as i32, early) };
+    }
+    let status = child.wait();
+    CHILD.store(0, Ordering::SeqCst);
+    status
 }
 
 /// A profile applied with `ricochet hw apply`. Dropping it runs `ricochet hw revert`, so the machine
@@ -256,13 +273,14 @@ impl AppliedProfile {
                 state.display()
             );
         }
-        let status = Command::new(binary)
-            .args(["hw", "apply"])
-            .arg(profile)
-            .arg("--state")
-            .arg(state)
-            .status()
-            .with_context(|| format!("cannot run {} hw apply", binary.display()))?;
+        let status = run_child(
+            Command::new(binary)
+                .args(["hw", "apply"])
+                .arg(profile)
+                .arg("--state")
+                .arg(state),
+        )
+        .with_context(|| format!("cannot run {} hw apply", binary.display()))?;
         let applied = AppliedProfile {
             binary: binary.to_path_buf(),
             state: state.to_path_buf(),
@@ -295,22 +313,55 @@ impl Drop for AppliedProfile {
     }
 }
 
-/// SIGINT ignored in this process until dropped, then its previous disposition restored.
-struct SigintIgnored(libc::sighandler_t);
+/// The stop signal xtask caught (0: none yet), and the child it passes signals on to (0: none).
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+static CHILD: AtomicI32 = AtomicI32::new(0);
 
-impl SigintIgnored {
-    fn install() -> SigintIgnored {
-        // SAFETY: installing SIG_IGN for SIGINT has no memory-safety preconditions.
-        SigintIgnored(unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) })
+/// The signals that stop a run: each is caught, recorded and passed on to the running child.
+const STOPPING: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+extern "C" fn on_stop_signal(signal: libc::c_int) {
+    STOP_SIGNAL.store(signal, Ordering::SeqCst);
+    let child = CHILD.load(Ordering::SeqCst);
+    if child > 0 {
+        // SAFETY: kill is async-signal-safe and takes no pointers.
+        unsafe { libc::kill(child, signal) };
     }
 }
 
-impl Drop for SigintIgnored {
+/// SIGINT, SIGTERM and SIGHUP caught (recorded and passed on to the child, see [`run_child`]) until
+/// dropped, then their previous dispositions restored. Caught, not ignored: exec resets a caught
+/// signal to its default, so `hw apply` and `serve` keep their usual behaviour, while xtask lives on
+/// to revert the profile.
+struct StopSignals([libc::sigaction; STOPPING.len()]);
+
+impl StopSignals {
+    fn install() -> StopSignals {
+        STOP_SIGNAL.store(0, Ordering::SeqCst);
+        // SAFETY: sigaction is a plain C struct; all-zero is a valid value (empty mask, no flags).
+        let mut previous: [libc::sigaction; STOPPING.len()] = unsafe { std::mem::zeroed() };
+        for (signal, old) in STOPPING.iter().zip(previous.iter_mut()) {
+            // SAFETY: as above for the zeroed struct.
+            let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+            action.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as usize;
+            // SAFETY: both pointers are valid sigaction structs on our stack; the handler only does
+            // async-signal-safe work (atomic stores and loads, kill).
+            unsafe { libc::sigaction(*signal, &action, old) };
+        }
+        StopSignals(previous)
+    }
+
+    /// The stop signal caught since `install`, if any.
+    fn received(&self) -> Option<libc::c_int> {
+        Some(STOP_SIGNAL.load(Ordering::SeqCst)).filter(|&s| s != 0)
+    }
+}
+
+impl Drop for StopSignals {
     fn drop(&mut self) {
-        if self.0 != libc::SIG_ERR {
-            // SAFETY: restores the disposition `signal` returned: SIG_DFL, SIG_IGN or a handler that
-            // was installed before and is still valid.
-            unsafe { libc::signal(libc::SIGINT, self.0) };
+        for (signal, old) in STOPPING.iter().zip(self.0.iter()) {
+            // SAFETY: restores the disposition sigaction returned in `install`.
+            unsafe { libc::sigaction(*signal, old, std::ptr::null_mut()) };
         }
     }
 }
@@ -352,6 +403,11 @@ mod test {
 
     impl FakeRicochet {
         fn new(name: &str, apply_saves: bool, apply_exit: u8) -> FakeRicochet {
+            FakeRicochet::with_serve(name, apply_saves, apply_exit, "exit 3")
+        }
+
+        /// As `new`, with `serve` running the shell line `serve`.
+        fn with_serve(name: &str, apply_saves: bool, apply_exit: u8, serve: &str) -> FakeRicochet {
             let dir = std::env::temp_dir().join(format!("xtask-run-{name}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
@@ -368,7 +424,7 @@ mod test {
                  'hw apply') {save}; exit {apply_exit};;\n\
                  'hw revert') rm \"$state\"; exit 0;;\n\
                  esac\n\
-                 exit 3\n",
+                 {serve}\n",
                 log = dir.join("log").display()
             );
             let program = dir.join("ricochet");
@@ -404,9 +460,44 @@ mod test {
         }
     }
 
+    /// `launch` installs process-wide signal handlers: its tests run one at a time.
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        static LAUNCHES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        LAUNCHES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    #[test]
+    fn sigterm_to_xtask_stops_serve_and_reverts_the_profile() {
+        let fake = FakeRicochet::with_serve("term", true, 0, "exec sleep 30");
+        let _serial = serial();
+        let l = fake.launch(&fake.dir.join("ricochet"));
+        let killer = std::thread::spawn(|| {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            // SAFETY: kill takes no pointers; the signal goes to this test process, whose handler
+            // `launch` installed (it runs for 30 s unless the signal stops it).
+            unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+        });
+        let started = std::time::Instant::now();
+        let error = launch(&l).unwrap_err();
+        killer.join().unwrap();
+        assert!(
+            format!("{error:#}").contains("stopped by signal 15"),
+            "{error:#}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "serve was stopped"
+        );
+        assert_eq!(fake.calls(), ["hw apply", "serve --mode", "hw revert"]);
+        assert!(!l.state.exists());
+    }
+
     #[test]
     fn a_serve_that_cannot_be_spawned_reverts_the_profile() {
         let fake = FakeRicochet::new("spawn", true, 0);
+        let _serial = serial();
         let l = fake.launch(&fake.dir.join("no-such-ricochet"));
         let error = launch(&l).unwrap_err();
         assert!(format!("{error:#}").contains("cannot start"), "{error:#}");
@@ -417,6 +508,7 @@ mod test {
     #[test]
     fn a_serve_that_exits_at_once_reverts_the_profile() {
         let fake = FakeRicochet::new("exit", true, 0);
+        let _serial = serial();
         let l = fake.launch(&fake.dir.join("ricochet"));
         let error = launch(&l).unwrap_err();
         assert!(format!("{error:#}").contains("exited with"), "{error:#}");
@@ -427,6 +519,7 @@ mod test {
     #[test]
     fn an_apply_that_fails_half_way_is_reverted_and_nothing_starts() {
         let fake = FakeRicochet::new("partial", true, 1);
+        let _serial = serial();
         let l = fake.launch(&fake.dir.join("ricochet"));
         let error = launch(&l).unwrap_err();
         assert!(
@@ -440,6 +533,7 @@ mod test {
     #[test]
     fn an_apply_that_changed_nothing_is_not_reverted() {
         let fake = FakeRicochet::new("nothing", false, 1);
+        let _serial = serial();
         let l = fake.launch(&fake.dir.join("ricochet"));
         assert!(launch(&l).is_err());
         assert_eq!(fake.calls(), ["hw apply"]);
@@ -448,6 +542,7 @@ mod test {
     #[test]
     fn a_profile_still_applied_is_neither_applied_again_nor_reverted() {
         let fake = FakeRicochet::new("leftover", true, 0);
+        let _serial = serial();
         let l = fake.launch(&fake.dir.join("ricochet"));
         std::fs::write(&l.state, "{}").unwrap();
         let error = launch(&l).unwrap_err();
