@@ -885,3 +885,42 @@ fn dashboard_shows_the_counter_changing_in_headless_chromium() {
     wait_for("42");
     webdriver(port, "DELETE", &base, None);
 }
+
+/// A client that pipelines many requests and does not read its replies costs the server a bounded
+/// amount of memory (the replies waiting are capped; the unanswered requests stay in the budgeted
+/// partial buffer), and still gets every reply, in order, once it reads.
+#[test]
+fn pipelined_requests_from_a_client_that_does_not_read_are_bounded() {
+    let server = Server::start(&["--listen", "udp://127.0.0.1:0"]);
+    let addr = http_addr(&server);
+    let request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    let per_connection = 16 * 1024 / request.len();
+    let burst: Vec<u8> = request.repeat(per_connection);
+    let before = rss_kib(server.pid());
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        // A small receive buffer, so the replies cannot hide in the kernel's socket memory.
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(&addr.into()).unwrap();
+        let mut s: TcpStream = socket.into();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let r = BufReader::new(s.try_clone().unwrap());
+        s.write_all(&burst).unwrap();
+        held.push((s, r));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let grown = rss_kib(server.pid()).saturating_sub(before);
+    assert!(
+        grown < 16 * 1024,
+        "RSS grew by {grown} KiB for 20 connections that pipeline and do not read"
+    );
+    // Every request is still answered, in order, once the client reads.
+    let (_, reader) = &mut held[0];
+    for i in 0..per_connection {
+        let reply = read_reply(reader);
+        assert_eq!(reply.status, 200, "reply {i}");
+        assert!(reply.text().contains("ricochet_requests"), "reply {i}");
+    }
+}

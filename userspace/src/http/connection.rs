@@ -88,6 +88,12 @@ fn later(now: Instant, d: Duration) -> Instant {
     now.checked_add(d.min(FAR)).unwrap_or(now)
 }
 
+/// Replies one connection may have waiting before it stops answering further pipelined requests
+/// until they are written: a client that pipelines many requests and reads slowly costs at most this
+/// plus one reply (a `/metrics` page, say), and the requests it has not had answered stay in its
+/// partial buffer, which the pending budget bounds.
+pub const MAX_WAITING_REPLIES: usize = 64 * 1024;
+
 /// What the server must do once a connection's complete requests are answered.
 pub(super) enum Outcome {
     Continue,
@@ -108,12 +114,16 @@ pub(super) struct Responder {
 }
 
 impl Responder {
-    /// Answers every complete request at the front of `input`, in order, appending the replies to
-    /// `conn.outbuf`. Returns the bytes those requests took and what to do next.
+    /// Answers the complete requests at the front of `input`, in order, appending the replies to
+    /// `conn.outbuf`, until [`MAX_WAITING_REPLIES`] bytes of replies wait. Returns the bytes those
+    /// requests took and what to do next.
     pub fn answer(&mut self, conn: &mut Conn, input: &[u8]) -> (usize, Outcome) {
         let date = self.date.get();
         let mut consumed = 0;
-        while consumed < input.len() && !conn.close_after_flush {
+        while consumed < input.len()
+            && !conn.close_after_flush
+            && conn.outbuf.len() < MAX_WAITING_REPLIES
+        {
             let started = Instant::now();
             let (head, len) = match request::parse(&input[consumed..]) {
                 Parse::Partial => break,
