@@ -213,13 +213,19 @@ fn apply_ntuple(p: &Profile, m: &Machine, journal: &mut Journal) -> Result<()> {
         }
         // The rule's id is known only once ethtool has added it ("Added rule with ID N").
         let out = ethtool(&args)?;
-        if let Some(id) = out
+        let Some(id) = out
             .split_whitespace()
             .last()
             .and_then(|w| w.parse::<u32>().ok())
-        {
-            journal.record(Change::NtupleRule { id })?;
-        }
+        else {
+            // A rule added but not recorded could never be reverted: stop and say which one.
+            bail!(
+                "ethtool {} added a rule but printed no rule ID ({:?}): find it with 'ethtool -n {iface}' and delete it with 'ethtool -N {iface} delete ID'",
+                args.join(" "),
+                out.trim()
+            );
+        };
+        journal.record(Change::NtupleRule { id })?;
     }
     Ok(())
 }
@@ -317,7 +323,15 @@ fn undo(change: &Change, iface: &str, m: &Machine) -> Result<()> {
             }
             ethtool(&["-L", iface, "combined", &previous.to_string()]).map(drop)
         }
-        Change::NtupleRule { id } => ethtool(&["-N", iface, "delete", &id.to_string()]).map(drop),
+        Change::NtupleRule { id } => {
+            let id = id.to_string();
+            // Already gone (deleted by hand, or by an earlier revert that stopped later): undone.
+            let listed = ethtool(&["-n", iface, "rule", &id]).is_ok();
+            if !listed {
+                return Ok(());
+            }
+            ethtool(&["-N", iface, "delete", &id]).map(drop)
+        }
     }
 }
 
