@@ -6,7 +6,7 @@
 #ifndef RICOCHET_H
 #define RICOCHET_H
 
-/* Protocols a listener speaks (same numbering as the Rust `Protocol` wire id). */
+/* Protocols a listener speaks: the numbers of xdp::maps::protocol_id in userspace. */
 #define PROTO_COUNTER 0
 #define PROTO_ECHO 1
 #define PROTO_SOCKPERF 2

@@ -282,9 +282,6 @@ fn pong_in_place(buf: &mut [u8]) {
 /// Largest sockperf message a stream connection accepts; sockperf's own limit is 65,507 bytes.
 pub const MAX_SOCKPERF_STREAM_MESSAGE: u32 = 1 << 20;
 
-/// Why a stream connection must be closed after answering what came before.
-pub type StreamError = DropReason;
-
 /// Framing state of one stream connection (TCP or Unix): at most one partial frame carried between
 /// reads. Small on purpose (24 bytes) so idle connections cost almost nothing.
 #[derive(Debug, Clone, Copy, Default)]
@@ -302,9 +299,9 @@ pub struct StreamOutput {
     pub reply_len: usize,
     /// Requests those bytes answer (frames for counter and sockperf, the read for echo).
     pub replies: u32,
-    /// Set when an invalid frame was found: replies before it are in the output, the connection must
-    /// be closed after sending them.
-    pub error: Option<StreamError>,
+    /// Set when an invalid frame was found, with why: replies before it are in the output, the
+    /// connection must be closed after sending them.
+    pub error: Option<DropReason>,
 }
 
 impl StreamDecoder {

@@ -1,9 +1,17 @@
 //! ricochet: a Linux packet responder. A client sends a small request; ricochet verifies it, counts
 //! it and answers, on the datapath the operator chose.
 //!
-//! The crate is layered: [`wire`] (checked views over the protocol bytes), [`core`] (the sans-IO
-//! responder every datapath shares), [`stats`] (lock-free per-worker records), then one module per
-//! datapath ([`kernel`]) and the commands ([`serve`], [`bench`]). Unsafe code lives in [`sys`] only.
+//! The crate is layered; each line below uses only its own line and those above it:
+//! - [`wire`] (checked views over the protocol bytes), [`spec`] (configuration values), [`core`]
+//!   (the sans-IO responder every datapath shares) and [`stats`] (lock-free statistics records, each
+//!   describing its fields once);
+//! - [`sys`] (syscalls), [`net`] (binding and accepting), [`iface`] (interface facts);
+//! - the datapaths [`kernel`], [`xdp`] and [`afxdp`], which know nothing of HTTP;
+//! - [`http`] (the endpoints, reading statistics records) and [`hw`] (hardware profiles);
+//! - the commands [`serve`] (which wires datapaths and endpoints together) and [`bench`].
+//!
+//! Unsafe code is denied at the crate root and allowed, with a `// SAFETY:` comment per block, in
+//! four small modules only: `sys`, `xdp::maps`, `xdp::counter` and `afxdp::umem`.
 #![deny(unsafe_code)]
 
 pub mod afxdp;
@@ -12,6 +20,7 @@ pub mod core;
 pub mod fuzzing;
 pub mod http;
 pub mod hw;
+pub mod iface;
 pub mod kernel;
 pub mod net;
 pub mod serve;

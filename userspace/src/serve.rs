@@ -9,15 +9,17 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::Signal;
 
-use crate::afxdp::{self, SocketParams, ZeroCopy};
+use crate::afxdp::{self, SocketParams};
 use crate::core::{Counter, LocalCounter, Protocol};
 use crate::http::{Access, AppState, HttpConfig, HttpListen, HttpServer, WorkerView};
-use crate::kernel::{self, PollMode, Scheduling, WorkerConfig};
-use crate::spec::{duration_in, CpuId, CpuList, ListenSpec, Transport};
+use crate::kernel::{self, Scheduling, WorkerConfig};
+use crate::spec::{
+    duration_in, CpuId, CpuList, ListenSpec, PollMode, Transport, XdpAttachMode, ZeroCopy,
+};
 use crate::stats::StatsSnapshot;
 use crate::sys;
 use crate::xdp::maps::XdpStat;
-use crate::xdp::{AttachedMode, ProgramKind, XdpAttachMode, XdpProgram};
+use crate::xdp::{AttachedMode, ProgramKind, XdpProgram};
 
 /// The datapath beside the kernel path, if any.
 enum Bypass {
@@ -343,8 +345,8 @@ fn apply_profile(mut args: ServeArgs) -> Result<ServeArgs> {
         // One AF_XDP worker per queue, on the queue's worker CPU (mapped queue by queue).
         args.cpus = Some(CpuList(p.worker_cpus().into_iter().map(CpuId).collect()));
     }
-    args.xdp_mode.get_or_insert(p.xdp.mode.to_mode());
-    args.zero_copy.get_or_insert(p.xdp.zero_copy.to_mode());
+    args.xdp_mode.get_or_insert(p.xdp.mode);
+    args.zero_copy.get_or_insert(p.xdp.zero_copy);
     args.frame_size.get_or_insert(p.umem.frame_size);
     args.frame_count.get_or_insert(p.umem.frame_count);
     args.ring_size.get_or_insert(p.umem.ring_size);
@@ -431,7 +433,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     // In xdp mode the counter lives in the program's BPF_F_MMAPABLE map, shared by both paths.
     let responder = match (args.mode, &args.iface) {
         (Mode::Xdp, Some(iface)) => {
-            afxdp::check_listener_addresses(iface, &udp_listeners)?;
+            crate::iface::check_listener_addresses(iface, udp_listeners.iter().map(|(a, _)| *a))?;
             Some(XdpProgram::load(ProgramKind::Respond, &udp_listeners)?)
         }
         _ => None,
@@ -461,7 +463,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         (Mode::Afxdp, Some(iface), _) => {
             let queues: Vec<u32> = match &args.queues {
                 Some(list) => list.0.iter().map(|q| q.0 as u32).collect(),
-                None => (0..afxdp::rx_queue_count(iface)?).collect(),
+                None => (0..crate::iface::rx_queue_count(iface)?).collect(),
             };
             let params = SocketParams {
                 iface: iface.clone(),

@@ -1,5 +1,6 @@
-//! Command-line value types: listen SPECs (`[PROTO+]TRANSPORT://ADDR`), CPU lists (`0-3,6`) and
-//! durations (`250ms`, `10s`, `7d`).
+//! Configuration value types shared by every command and datapath: listen SPECs
+//! (`[PROTO+]TRANSPORT://ADDR`), CPU lists (`0-3,6`), durations (`250ms`, `10s`, `7d`) and the
+//! mode words (`--poll`, `--xdp-mode`, `--zero-copy`). Pure parsing, no I/O.
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -27,6 +28,7 @@ impl Transport {
         }
     }
 
+    /// Whether requests arrive on a byte stream (TCP, Unix) rather than as datagrams.
     pub const fn is_stream(&self) -> bool {
         !matches!(self, Transport::Udp(_))
     }
@@ -176,6 +178,88 @@ impl fmt::Display for CpuList {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let parts: Vec<String> = self.0.iter().map(|c| c.to_string()).collect();
         f.write_str(&parts.join(","))
+    }
+}
+
+/// Declares a configuration word: a clap value, serialised and deserialised in lowercase (profiles,
+/// /stats), shown by `Display` the same way.
+macro_rules! mode_word {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $word:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+        #[serde(rename_all = "lowercase")]
+        pub enum $name {
+            $($(#[$vmeta])* $variant),+
+        }
+
+        impl $name {
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $word),+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+mode_word! {
+    /// How a worker waits for work.
+    PollMode {
+        /// Busy-loop on non-blocking sockets: lowest latency, one core at 100%.
+        Spin => "spin",
+        /// Sleep in epoll until a socket is ready: efficient.
+        Block => "block",
+    }
+}
+
+mode_word! {
+    /// Where the XDP program runs.
+    #[derive(Default)]
+    XdpAttachMode {
+        /// In the driver (fastest; the driver must support XDP).
+        Native => "native",
+        /// In the kernel's generic receive path (works everywhere, slower).
+        Generic => "generic",
+        /// Native, falling back to generic when the driver refuses.
+        #[default]
+        Auto => "auto",
+    }
+}
+
+mode_word! {
+    /// Whether to ask the driver for AF_XDP zero-copy.
+    #[derive(Default)]
+    ZeroCopy {
+        /// Try zero-copy, fall back to copy mode.
+        #[default]
+        Auto => "auto",
+        /// Zero-copy or fail.
+        On => "on",
+        /// Copy mode.
+        Off => "off",
+    }
+}
+
+impl CpuList {
+    /// Checks this list against the CPUs the process may use; `None` (no `--cpus`) means all of
+    /// them.
+    pub fn resolve(requested: Option<&CpuList>, allowed: &[CpuId]) -> Result<Vec<CpuId>, String> {
+        let Some(requested) = requested else {
+            return Ok(allowed.to_vec());
+        };
+        match requested.0.iter().find(|cpu| !allowed.contains(cpu)) {
+            Some(cpu) => Err(format!(
+                "CPU {cpu} is not allowed for this process (allowed: {}): pick --cpus from those",
+                CpuList(allowed.to_vec())
+            )),
+            None => Ok(requested.0.clone()),
+        }
     }
 }
 

@@ -255,10 +255,7 @@ impl StatsSnapshot {
 
 impl fmt::Display for StatsSnapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, field) in self.fields().iter().enumerate() {
-            let sep = if i == 0 { "" } else { " " };
-            write!(f, "{sep}{}={}", field.name, field.value)?;
-        }
+        write_fields(f, &self.fields())?;
         for reason in DropReason::ALL {
             write!(f, " drop_{}={}", reason, self.drops(reason))?;
         }
@@ -266,15 +263,84 @@ impl fmt::Display for StatsSnapshot {
     }
 }
 
+/// XDP_STATISTICS of one AF_XDP socket (`struct xdp_statistics`, the kernel's own counts of what
+/// it could not hand to or take from the rings).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct XskStats {
+    pub rx_dropped: u64,
+    pub rx_ring_full: u64,
+    pub fill_ring_empty_descs: u64,
+    pub tx_invalid_descs: u64,
+    pub tx_ring_empty_descs: u64,
+}
+
+impl XskStats {
+    pub const COUNT: usize = 5;
+
+    /// Every statistic of the record, described once: the exit report, `/metrics` (prefixed
+    /// `xsk_`) and `/stats` render from this list.
+    pub fn fields(&self) -> [Field; XskStats::COUNT] {
+        [
+            Field::counter(
+                "rx_dropped",
+                "Frames the kernel dropped for this AF_XDP socket (XDP_STATISTICS)",
+                self.rx_dropped,
+            ),
+            Field::counter(
+                "rx_ring_full",
+                "Frames dropped because the AF_XDP RX ring was full",
+                self.rx_ring_full,
+            ),
+            Field::counter(
+                "fill_ring_empty_descs",
+                "Times the kernel found the AF_XDP fill ring empty",
+                self.fill_ring_empty_descs,
+            ),
+            Field::counter(
+                "tx_invalid_descs",
+                "AF_XDP TX descriptors the kernel refused as invalid",
+                self.tx_invalid_descs,
+            ),
+            Field::counter(
+                "tx_ring_empty_descs",
+                "Times the kernel found the AF_XDP TX ring empty when kicked",
+                self.tx_ring_empty_descs,
+            ),
+        ]
+    }
+
+    fn from_values(v: [u64; XskStats::COUNT]) -> XskStats {
+        XskStats {
+            rx_dropped: v[0],
+            rx_ring_full: v[1],
+            fill_ring_empty_descs: v[2],
+            tx_invalid_descs: v[3],
+            tx_ring_empty_descs: v[4],
+        }
+    }
+}
+
+impl fmt::Display for XskStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_fields(f, &self.fields())
+    }
+}
+
+/// Writes `name=value` pairs separated by spaces.
+fn write_fields(f: &mut fmt::Formatter<'_>, fields: &[Field]) -> fmt::Result {
+    for (i, field) in fields.iter().enumerate() {
+        let sep = if i == 0 { "" } else { " " };
+        write!(f, "{sep}{}={}", field.name, field.value)?;
+    }
+    Ok(())
+}
+
 /// XDP_STATISTICS of one AF_XDP socket as its worker last published them, and when. The worker
 /// publishes on a wall-clock deadline (see `afxdp::worker::PUBLISH_INTERVAL`), whatever its poll mode.
 #[derive(Debug)]
 pub struct XskLive {
-    pub rx_dropped: AtomicU64,
-    pub rx_ring_full: AtomicU64,
-    pub fill_ring_empty_descs: AtomicU64,
-    pub tx_invalid_descs: AtomicU64,
-    pub tx_ring_empty_descs: AtomicU64,
+    /// The values of [`XskStats::fields`], in that order.
+    values: [AtomicU64; XskStats::COUNT],
     /// Nanoseconds from `created` to the last publication; u64::MAX before the first.
     published_ns: AtomicU64,
     created: std::time::Instant,
@@ -283,11 +349,7 @@ pub struct XskLive {
 impl Default for XskLive {
     fn default() -> XskLive {
         XskLive {
-            rx_dropped: AtomicU64::new(0),
-            rx_ring_full: AtomicU64::new(0),
-            fill_ring_empty_descs: AtomicU64::new(0),
-            tx_invalid_descs: AtomicU64::new(0),
-            tx_ring_empty_descs: AtomicU64::new(0),
+            values: Default::default(),
             published_ns: AtomicU64::new(u64::MAX),
             created: std::time::Instant::now(),
         }
@@ -295,19 +357,18 @@ impl Default for XskLive {
 }
 
 impl XskLive {
-    pub fn fields(&self) -> [(&'static str, u64); 5] {
-        let get = |cell: &AtomicU64| cell.load(Ordering::Relaxed);
-        [
-            ("rx_dropped", get(&self.rx_dropped)),
-            ("rx_ring_full", get(&self.rx_ring_full)),
-            ("fill_ring_empty_descs", get(&self.fill_ring_empty_descs)),
-            ("tx_invalid_descs", get(&self.tx_invalid_descs)),
-            ("tx_ring_empty_descs", get(&self.tx_ring_empty_descs)),
-        ]
+    /// The values last published.
+    pub fn snapshot(&self) -> XskStats {
+        XskStats::from_values(std::array::from_fn(|i| {
+            self.values[i].load(Ordering::Relaxed)
+        }))
     }
 
-    /// Records that the values were just refreshed.
-    pub fn mark_published(&self) {
+    /// Publishes fresh values (only the owning worker calls this) and records when.
+    pub fn publish(&self, stats: &XskStats) {
+        for (cell, field) in self.values.iter().zip(stats.fields()) {
+            cell.store(field.value, Ordering::Relaxed);
+        }
         let ns = self
             .created
             .elapsed()
@@ -335,6 +396,26 @@ mod test {
     fn records_do_not_share_cache_lines() {
         assert_eq!(std::mem::align_of::<WorkerStats>(), 64);
         assert_eq!(std::mem::size_of::<WorkerStats>() % 64, 0);
+    }
+
+    #[test]
+    fn xsk_values_round_trip_through_the_live_record_in_field_order() {
+        let stats = XskStats {
+            rx_dropped: 1,
+            rx_ring_full: 2,
+            fill_ring_empty_descs: 3,
+            tx_invalid_descs: 4,
+            tx_ring_empty_descs: 5,
+        };
+        let live = XskLive::default();
+        assert_eq!(live.age(), None);
+        live.publish(&stats);
+        assert_eq!(live.snapshot(), stats);
+        assert!(live.age().is_some());
+        assert_eq!(
+            stats.to_string(),
+            "rx_dropped=1 rx_ring_full=2 fill_ring_empty_descs=3 tx_invalid_descs=4 tx_ring_empty_descs=5"
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ pub mod frame;
 mod umem;
 pub mod worker;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -13,13 +13,15 @@ use std::thread::JoinHandle;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-pub use worker::{SocketParams, XskStats, ZeroCopy};
+pub use worker::SocketParams;
 
 use crate::core::{Counter, Protocol};
+use crate::iface;
 use crate::spec::CpuId;
-use crate::stats::WorkerStats;
+use crate::spec::XdpAttachMode;
+use crate::stats::{WorkerStats, XskStats};
 use crate::sys;
-use crate::xdp::{AttachedMode, ProgramKind, XdpAttachMode, XdpProgram};
+use crate::xdp::{AttachedMode, ProgramKind, XdpProgram};
 
 /// A running AF_XDP worker.
 pub struct AfXdpWorker {
@@ -44,45 +46,6 @@ impl AsRawFd for Fd {
     fn as_raw_fd(&self) -> RawFd {
         self.0
     }
-}
-
-/// The RX queues an interface has (its `queues/rx-*` entries in sysfs).
-pub fn rx_queue_count(iface: &str) -> Result<u32> {
-    let dir = format!("/sys/class/net/{iface}/queues");
-    let entries = std::fs::read_dir(&dir)
-        .with_context(|| format!("no interface named '{iface}': list them with 'ip link'"))?;
-    let n = entries
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
-        .count();
-    Ok(n as u32)
-}
-
-/// Checks that every listener address is the unspecified address or one of the interface's own.
-pub fn check_listener_addresses(iface: &str, listeners: &[(SocketAddr, Protocol)]) -> Result<()> {
-    let own: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
-        .context("cannot list interface addresses")?
-        .filter(|a| a.interface_name == iface)
-        .filter_map(|a| {
-            let addr = a.address?;
-            if let Some(v4) = addr.as_sockaddr_in() {
-                Some(IpAddr::V4(v4.ip()))
-            } else {
-                addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-            }
-        })
-        .collect();
-    for (addr, _) in listeners {
-        if !addr.ip().is_unspecified() && !own.contains(&addr.ip()) {
-            let list: Vec<String> = own.iter().map(|a| a.to_string()).collect();
-            bail!(
-                "listener udp://{addr}: {} is not an address of {iface} (it has: {}); listen on one of those or on 0.0.0.0",
-                addr.ip(),
-                if list.is_empty() { "none".to_string() } else { list.join(", ") }
-            );
-        }
-    }
-    Ok(())
 }
 
 /// Pins the calling AF_XDP worker to its CPU and, with `--sched-fifo`, switches it to SCHED_FIFO.
@@ -111,7 +74,7 @@ pub fn start(
     stop: Arc<AtomicBool>,
 ) -> Result<AfXdpDatapath> {
     let iface = params.iface.as_str();
-    let n_queues = rx_queue_count(iface)?;
+    let n_queues = iface::rx_queue_count(iface)?;
     for &q in queues {
         if q >= n_queues {
             bail!(
@@ -120,7 +83,7 @@ pub fn start(
             );
         }
     }
-    check_listener_addresses(iface, listeners)?;
+    iface::check_listener_addresses(iface, listeners.iter().map(|(addr, _)| *addr))?;
     let mut program = XdpProgram::load(ProgramKind::Steer, listeners)?;
     let attached = program.attach(iface, xdp_mode, force)?;
     let table = Arc::new(frame::Listeners::new(listeners));

@@ -17,21 +17,9 @@ use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, UmemCo
 use super::frame::{classify, Listeners, UdpFrame, Verdict};
 use super::umem::UmemArea;
 use crate::core::{Batch, Counter, Ticket};
-use crate::kernel::PollMode;
-use crate::stats::{DropReason, WorkerStats, XskLive};
+use crate::spec::{PollMode, ZeroCopy};
+use crate::stats::{DropReason, WorkerStats, XskLive, XskStats};
 use crate::sys;
-
-/// Whether to ask the driver for zero-copy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ZeroCopy {
-    /// Try zero-copy, fall back to copy mode.
-    Auto,
-    /// Zero-copy or fail.
-    On,
-    /// Copy mode.
-    Off,
-}
 
 /// Sizes and behaviour of one AF_XDP socket.
 #[derive(Debug, Clone)]
@@ -48,26 +36,6 @@ pub struct SocketParams {
     pub batch: u32,
     /// SCHED_FIFO priority for the worker thread (`--sched-fifo`).
     pub fifo_priority: Option<i32>,
-}
-
-/// XDP_STATISTICS of one socket.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct XskStats {
-    pub rx_dropped: u64,
-    pub rx_ring_full: u64,
-    pub fill_ring_empty_descs: u64,
-    pub tx_invalid_descs: u64,
-    pub tx_ring_empty_descs: u64,
-}
-
-impl std::fmt::Display for XskStats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "rx_dropped={} rx_ring_full={} fill_ring_empty_descs={} tx_invalid_descs={} tx_ring_empty_descs={}",
-            self.rx_dropped, self.rx_ring_full, self.fill_ring_empty_descs, self.tx_invalid_descs, self.tx_ring_empty_descs
-        )
-    }
 }
 
 /// An open socket with its rings. Field order is drop order: rings before the UMEM area.
@@ -333,13 +301,7 @@ pub fn run(
         .statistics_v2()
         .map_err(errno)
         .context("XDP_STATISTICS")?;
-    Ok(XskStats {
-        rx_dropped: xdp.rx_dropped,
-        rx_ring_full: xdp.rx_ring_full,
-        fill_ring_empty_descs: xdp.rx_fill_ring_empty_descs,
-        tx_invalid_descs: xdp.tx_invalid_descs,
-        tx_ring_empty_descs: xdp.tx_ring_empty_descs,
-    })
+    Ok(xsk_stats(&xdp))
 }
 
 /// Takes one RX descriptor to exactly one counted outcome: admitted to the core (answered or dropped
@@ -374,14 +336,18 @@ fn admit_frame(
     }
 }
 
+fn xsk_stats(x: &xdpilone::xdp::XdpStatisticsV2) -> XskStats {
+    XskStats {
+        rx_dropped: x.rx_dropped,
+        rx_ring_full: x.rx_ring_full,
+        fill_ring_empty_descs: x.rx_fill_ring_empty_descs,
+        tx_invalid_descs: x.tx_invalid_descs,
+        tx_ring_empty_descs: x.tx_ring_empty_descs,
+    }
+}
+
 fn publish(live: &XskLive, x: &xdpilone::xdp::XdpStatisticsV2) {
-    let set = |cell: &std::sync::atomic::AtomicU64, v: u64| cell.store(v, Ordering::Relaxed);
-    set(&live.rx_dropped, x.rx_dropped);
-    set(&live.rx_ring_full, x.rx_ring_full);
-    set(&live.fill_ring_empty_descs, x.rx_fill_ring_empty_descs);
-    set(&live.tx_invalid_descs, x.tx_invalid_descs);
-    set(&live.tx_ring_empty_descs, x.tx_ring_empty_descs);
-    live.mark_published();
+    live.publish(&xsk_stats(x));
 }
 
 /// How often a worker refreshes its XDP_STATISTICS for the endpoints. Each refresh is one

@@ -14,7 +14,7 @@ use subtle::ConstantTimeEq;
 use super::request::Head;
 use super::state::{AppState, RouteLabel, RouteStatus};
 use crate::core::{Batch, Protocol};
-use crate::stats::{DropReason, Field, FieldKind, StatsSnapshot, XskLive};
+use crate::stats::{DropReason, Field, FieldKind, StatsSnapshot, XskStats};
 use crate::wire::{CounterRepr, FRAME_LEN};
 
 /// The dashboard page, embedded in the binary.
@@ -423,18 +423,16 @@ fn register_worker_records(registry: &mut Registry, state: &AppState) {
 pub fn metrics_text(state: &AppState) -> String {
     let mut registry = Registry::with_prefix("ricochet");
     register_worker_records(&mut registry, state);
-    let xsk_fields: Vec<(&'static str, Family<XskLabels, PromCounter>)> = XskLive::default()
-        .fields()
-        .into_iter()
-        .map(|(name, _)| (name, Family::default()))
+    let xsk_described = XskStats::default().fields();
+    let xsk_fields: Vec<FieldFamily<XskLabels>> = xsk_described
+        .iter()
+        .map(|f| FieldFamily::new(f.kind))
         .collect();
     let xsk_age = Family::<XskLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
     for w in state.workers.lock().expect("not poisoned").iter() {
         if let Some(live) = &w.xsk {
-            for ((_, value), (_, family)) in live.fields().iter().zip(&xsk_fields) {
-                family
-                    .get_or_create(&XskLabels { queue: w.id })
-                    .inc_by(*value);
+            for (field, family) in live.snapshot().fields().iter().zip(&xsk_fields) {
+                family.add(&XskLabels { queue: w.id }, field.value);
             }
             if let Some(age) = live.age() {
                 xsk_age
@@ -452,12 +450,8 @@ pub fn metrics_text(state: &AppState) -> String {
     for field in state.http_conns.fields() {
         register_field(&mut registry, &field);
     }
-    for (name, family) in xsk_fields {
-        registry.register(
-            format!("xsk_{name}"),
-            format!("AF_XDP socket statistic {name} (XDP_STATISTICS)"),
-            family,
-        );
+    for (field, family) in xsk_described.iter().zip(xsk_fields) {
+        family.register(&mut registry, &format!("xsk_{}", field.name), field.help);
     }
     if let Some(reader) = state.xdp_stats.lock().expect("not poisoned").as_ref() {
         if let Some(values) = reader() {
@@ -510,13 +504,17 @@ pub fn metrics_text(state: &AppState) -> String {
     out
 }
 
-/// A worker record as JSON: every field of [`StatsSnapshot::fields`], and `drops` by reason.
-fn record_json(s: &StatsSnapshot) -> serde_json::Map<String, serde_json::Value> {
-    let mut record: serde_json::Map<String, serde_json::Value> = s
-        .fields()
+/// Described fields as a JSON object, `name: value`.
+fn fields_json(fields: &[Field]) -> serde_json::Map<String, serde_json::Value> {
+    fields
         .iter()
         .map(|f| (f.name.to_string(), json!(f.value)))
-        .collect();
+        .collect()
+}
+
+/// A worker record as JSON: every field of [`StatsSnapshot::fields`], and `drops` by reason.
+fn record_json(s: &StatsSnapshot) -> serde_json::Map<String, serde_json::Value> {
+    let mut record = fields_json(&s.fields());
     let drops: serde_json::Map<String, serde_json::Value> = DropReason::ALL
         .iter()
         .map(|r| (r.as_str().to_string(), json!(s.drops(*r))))
@@ -539,11 +537,7 @@ pub fn stats_json(state: &AppState) -> serde_json::Value {
             v.insert("cpu".into(), json!(w.cpu.0));
             v.extend(record_json(&w.stats.snapshot()));
             if let Some(live) = &w.xsk {
-                let mut xsk: serde_json::Map<String, serde_json::Value> = live
-                    .fields()
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), json!(v)))
-                    .collect();
+                let mut xsk = fields_json(&live.snapshot().fields());
                 xsk.insert("age_s".into(), json!(live.age().map(|a| a.as_secs_f64())));
                 v.insert("xsk".into(), serde_json::Value::Object(xsk));
             }

@@ -25,8 +25,7 @@ use slab::Slab;
 use super::connection::{Conn, HttpDate, Outcome, Responder, Timeouts};
 use super::routes::{self, Access};
 use super::state::AppState;
-use crate::kernel;
-use crate::net::{Listeners, StreamListener};
+use crate::net::{self, Listeners, StreamListener};
 use crate::spec::CpuId;
 use crate::sys;
 
@@ -179,14 +178,13 @@ impl HttpServer {
 fn bind(listen: &HttpListen, n: usize) -> Result<(Vec<StreamListener>, HttpListen)> {
     match listen {
         HttpListen::Tcp(addr) => {
-            let ls = kernel::bind_tcp_listeners(&format!("--http {addr}"), *addr, n)?;
-            let local = ls[0].local_addr()?;
+            let (ls, local) = net::bind_tcp_group(&format!("--http {addr}"), *addr, n)?;
             let listeners = ls.into_iter().map(StreamListener::Tcp).collect();
             Ok((listeners, HttpListen::Tcp(local)))
         }
         HttpListen::Unix(path) => {
             let label = format!("--http unix://{}", path.display());
-            let endpoint = Arc::new(kernel::bind_unix(&label, path)?);
+            let endpoint = Arc::new(net::bind_unix(&label, path)?);
             let listeners = (0..n)
                 .map(|_| StreamListener::Unix(endpoint.clone()))
                 .collect();

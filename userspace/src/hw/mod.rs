@@ -122,12 +122,7 @@ impl Machine {
     }
 
     pub fn channels(&self, iface: &str) -> Option<u32> {
-        let dir = std::fs::read_dir(self.path(Path::new(&self.net(iface, "queues")))).ok()?;
-        Some(
-            dir.filter_map(|e| e.ok())
-                .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
-                .count() as u32,
-        )
+        crate::iface::rx_queue_count_under(&self.root, iface).ok()
     }
 
     /// The IRQs of the interface's queues as (queue, IRQ) pairs: the /proc/interrupts lines whose

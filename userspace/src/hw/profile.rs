@@ -6,8 +6,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::afxdp::ZeroCopy;
-use crate::xdp::XdpAttachMode;
+use crate::spec::{XdpAttachMode, ZeroCopy};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,66 +103,13 @@ pub struct BusyPoll {
     pub budget: Option<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Xdp {
-    #[serde(default = "default_xdp_mode")]
-    pub mode: XdpModeName,
-    #[serde(default = "default_zero_copy")]
-    pub zero_copy: ZeroCopyName,
-}
-
-impl Default for Xdp {
-    fn default() -> Self {
-        Xdp {
-            mode: default_xdp_mode(),
-            zero_copy: default_zero_copy(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpModeName {
-    Native,
-    Generic,
-    Auto,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ZeroCopyName {
-    Auto,
-    On,
-    Off,
-}
-
-fn default_xdp_mode() -> XdpModeName {
-    XdpModeName::Auto
-}
-
-fn default_zero_copy() -> ZeroCopyName {
-    ZeroCopyName::Auto
-}
-
-impl XdpModeName {
-    pub fn to_mode(self) -> XdpAttachMode {
-        match self {
-            XdpModeName::Native => XdpAttachMode::Native,
-            XdpModeName::Generic => XdpAttachMode::Generic,
-            XdpModeName::Auto => XdpAttachMode::Auto,
-        }
-    }
-}
-
-impl ZeroCopyName {
-    pub fn to_mode(self) -> ZeroCopy {
-        match self {
-            ZeroCopyName::Auto => ZeroCopy::Auto,
-            ZeroCopyName::On => ZeroCopy::On,
-            ZeroCopyName::Off => ZeroCopy::Off,
-        }
-    }
+    #[serde(default)]
+    pub mode: XdpAttachMode,
+    #[serde(default)]
+    pub zero_copy: ZeroCopy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

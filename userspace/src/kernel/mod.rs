@@ -13,8 +13,8 @@ use std::thread::JoinHandle;
 use anyhow::{Context, Result};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-pub use sockets::{bind_all, bind_tcp_listeners, bind_unix, BoundListeners, UnixEndpoint};
-pub use worker::{PollMode, WorkerConfig};
+pub use sockets::{bind_all, BoundListeners};
+pub use worker::WorkerConfig;
 
 use crate::core::Counter;
 use crate::spec::{CpuId, ListenSpec};

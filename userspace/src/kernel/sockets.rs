@@ -1,35 +1,14 @@
-//! Listening sockets for the kernel datapath: one SO_REUSEPORT socket per worker per UDP and TCP
-//! listener, one shared socket per Unix listener. All errors here happen at start-up and say what to do.
+//! The kernel datapath's listening sockets: one SO_REUSEPORT socket per worker per UDP and TCP
+//! listener, one shared socket per Unix listener (bound by [`crate::net`]).
 
-use std::io;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::net::{TcpListener, UdpSocket};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
-use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
+use anyhow::Result;
 
 use crate::core::Protocol;
+use crate::net::{bind_tcp_group, bind_udp_group, bind_unix, UnixEndpoint};
 use crate::spec::{ListenSpec, Transport};
-
-/// Receive buffer asked for on UDP sockets, so bursts survive a descheduled worker.
-const UDP_RCVBUF: usize = 4 << 20;
-const TCP_BACKLOG: i32 = 4096;
-
-/// A Unix listener whose socket file is removed when the last worker lets go of it.
-#[derive(Debug)]
-pub struct UnixEndpoint {
-    pub listener: UnixListener,
-    path: PathBuf,
-}
-
-impl Drop for UnixEndpoint {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
 
 /// The sockets one worker serves.
 #[derive(Debug, Default)]
@@ -46,161 +25,40 @@ pub struct BoundListeners {
     pub bound: Vec<ListenSpec>,
 }
 
+/// Binds every listener for `n_workers` workers.
 pub fn bind_all(specs: &[ListenSpec], n_workers: usize) -> Result<BoundListeners> {
     let mut per_worker: Vec<WorkerSockets> =
         (0..n_workers).map(|_| WorkerSockets::default()).collect();
     let mut bound = Vec::new();
     for spec in specs {
-        match &spec.transport {
+        let label = spec.to_string();
+        let transport = match &spec.transport {
             Transport::Udp(addr) => {
-                let sockets = bind_reuseport(&spec.to_string(), *addr, Type::DGRAM, n_workers)?;
-                let local = sockets[0].local_addr()?.as_socket().expect("inet socket");
+                let (sockets, local) = bind_udp_group(&label, *addr, n_workers)?;
                 for (worker, socket) in per_worker.iter_mut().zip(sockets) {
-                    worker.udp.push((spec.protocol, socket.into()));
+                    worker.udp.push((spec.protocol, socket));
                 }
-                bound.push(ListenSpec {
-                    protocol: spec.protocol,
-                    transport: Transport::Udp(local),
-                });
+                Transport::Udp(local)
             }
             Transport::Tcp(addr) => {
-                let sockets = bind_reuseport(&spec.to_string(), *addr, Type::STREAM, n_workers)?;
-                let local = sockets[0].local_addr()?.as_socket().expect("inet socket");
+                let (sockets, local) = bind_tcp_group(&label, *addr, n_workers)?;
                 for (worker, socket) in per_worker.iter_mut().zip(sockets) {
-                    worker.tcp.push((spec.protocol, socket.into()));
+                    worker.tcp.push((spec.protocol, socket));
                 }
-                bound.push(ListenSpec {
-                    protocol: spec.protocol,
-                    transport: Transport::Tcp(local),
-                });
+                Transport::Tcp(local)
             }
             Transport::Unix(path) => {
-                let endpoint = Arc::new(bind_unix(&spec.to_string(), path)?);
+                let endpoint = Arc::new(bind_unix(&label, path)?);
                 for worker in per_worker.iter_mut() {
                     worker.unix.push((spec.protocol, endpoint.clone()));
                 }
-                bound.push(spec.clone());
+                Transport::Unix(path.clone())
             }
-        }
+        };
+        bound.push(ListenSpec {
+            protocol: spec.protocol,
+            transport,
+        });
     }
     Ok(BoundListeners { per_worker, bound })
-}
-
-fn new_inet_socket(addr: SocketAddr, ty: Type) -> io::Result<Socket> {
-    let proto = if ty == Type::DGRAM {
-        SockProtocol::UDP
-    } else {
-        SockProtocol::TCP
-    };
-    let socket = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
-    socket.set_nonblocking(true)?;
-    socket.set_cloexec(true)?;
-    if ty == Type::STREAM {
-        socket.set_reuse_address(true)?;
-    }
-    Ok(socket)
-}
-
-/// Binds `n` TCP listeners sharing `addr` with SO_REUSEPORT (for servers other than the datapath,
-/// such as the HTTP endpoints). `label` names the listener in error messages.
-pub fn bind_tcp_listeners(label: &str, addr: SocketAddr, n: usize) -> Result<Vec<TcpListener>> {
-    Ok(bind_reuseport(label, addr, Type::STREAM, n)?
-        .into_iter()
-        .map(TcpListener::from)
-        .collect())
-}
-
-/// Binds `n` SO_REUSEPORT sockets on one address. The kernel spreads flows across them by hash.
-fn bind_reuseport(spec: &str, addr: SocketAddr, ty: Type, n: usize) -> Result<Vec<Socket>> {
-    let explain = |e: io::Error| bind_error(spec, e);
-    // SO_REUSEPORT lets a second process of the same user join our port silently. Bind once without
-    // it first, so a port already held by anyone (another ricochet included) is reported.
-    if addr.port() != 0 {
-        let probe = new_inet_socket(addr, ty).map_err(explain)?;
-        probe.bind(&addr.into()).map_err(explain)?;
-    }
-    let mut sockets = Vec::with_capacity(n);
-    let mut addr = addr;
-    for _ in 0..n {
-        let socket = new_inet_socket(addr, ty).map_err(explain)?;
-        socket.set_reuse_port(true).map_err(explain)?;
-        if ty == Type::DGRAM {
-            // Best effort: the kernel caps it at net.core.rmem_max.
-            let _ = socket.set_recv_buffer_size(UDP_RCVBUF);
-        }
-        socket.bind(&addr.into()).map_err(explain)?;
-        if ty == Type::STREAM {
-            socket.listen(TCP_BACKLOG).map_err(explain)?;
-        }
-        // With port 0 the first socket picks the port; the others must join that one.
-        addr = socket.local_addr()?.as_socket().expect("inet socket");
-        sockets.push(socket);
-    }
-    Ok(sockets)
-}
-
-fn bind_error(spec: &str, e: io::Error) -> anyhow::Error {
-    let hint = match e.raw_os_error() {
-        Some(libc::EADDRINUSE) => {
-            "address already in use: stop the process holding it or pick another port"
-        }
-        Some(libc::EADDRNOTAVAIL) => {
-            "no interface of this machine has that address: use one it has, or 0.0.0.0"
-        }
-        Some(libc::EACCES) => {
-            "permission denied: ports below 1024 need root or CAP_NET_BIND_SERVICE"
-        }
-        Some(libc::EAFNOSUPPORT) => "this address family is not supported by the kernel",
-        _ => "cannot bind",
-    };
-    anyhow::Error::new(e).context(format!("{spec}: {hint}"))
-}
-
-/// Binds a Unix stream listener, replacing a stale socket file left by a dead instance.
-pub fn bind_unix(spec: &str, path: &Path) -> Result<UnixEndpoint> {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) => {
-            if !meta.file_type().is_socket() {
-                bail!(
-                    "{spec}: {} exists and is not a socket: remove it or choose another path",
-                    path.display()
-                );
-            }
-            match UnixStream::connect(path) {
-                Ok(_) => bail!(
-                    "{spec}: another process is listening on {}: stop it or choose another path",
-                    path.display()
-                ),
-                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
-                    // Nobody listens: a stale file from a dead instance.
-                    std::fs::remove_file(path).with_context(|| {
-                        format!("{spec}: cannot remove stale socket {}", path.display())
-                    })?;
-                }
-                Err(e) => {
-                    return Err(anyhow::Error::new(e).context(format!(
-                        "{spec}: cannot tell whether {} is in use",
-                        path.display()
-                    )))
-                }
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(
-                anyhow::Error::new(e).context(format!("{spec}: cannot inspect {}", path.display()))
-            )
-        }
-    }
-    let listener = UnixListener::bind(path).with_context(|| {
-        format!(
-            "{spec}: cannot create socket {} (does its directory exist and is it writable?)",
-            path.display()
-        )
-    })?;
-    listener.set_nonblocking(true)?;
-    Ok(UnixEndpoint {
-        listener,
-        path: path.to_path_buf(),
-    })
 }

@@ -14,20 +14,11 @@ use slab::Slab;
 
 use crate::core::{Batch, Counter, Protocol, StreamDecoder, Ticket};
 use crate::net::{Accepted, Listeners, StreamListener};
+use crate::spec::PollMode;
 use crate::stats::{DropReason, WorkerStats};
 use crate::sys::MmsgBatch;
 
 use super::sockets::WorkerSockets;
-
-/// How a worker waits for work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PollMode {
-    /// Busy-loop on non-blocking sockets: lowest latency, one core at 100%.
-    Spin,
-    /// Sleep in epoll until a socket is ready: efficient.
-    Block,
-}
 
 const TOKEN_WAKE: u64 = 0;
 const TOKEN_UDP: u64 = 1;

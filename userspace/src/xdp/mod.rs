@@ -16,6 +16,7 @@ use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::Ebpf;
 
 use crate::core::Protocol;
+use crate::spec::XdpAttachMode;
 use crate::stats::DropReason;
 use counter::MappedCounter;
 use maps::{ListenerKey, ListenerValue, XdpStat};
@@ -39,18 +40,6 @@ impl ProgramKind {
             ProgramKind::Respond => "ricochet_respond",
         }
     }
-}
-
-/// Where the XDP program runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum XdpAttachMode {
-    /// In the driver (fastest; the driver must support XDP).
-    Native,
-    /// In the kernel's generic receive path (works everywhere, slower).
-    Generic,
-    /// Native, falling back to generic when the driver refuses.
-    Auto,
 }
 
 /// The mode an attachment ended up in.

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags, EpollTimeout};
 
-use crate::kernel::UnixEndpoint;
+use super::bind::UnixEndpoint;
 
 /// How long a listener stays out of epoll when connections can neither be accepted nor refused.
 pub const PAUSE: Duration = Duration::from_millis(100);
