@@ -439,7 +439,8 @@ impl ThreadResult {
 pub fn run(args: BenchArgs) -> Result<()> {
     let _ = sys::raise_fd_limit();
     let cpus: Vec<Option<CpuId>> = match &args.cpus {
-        Some(list) => crate::serve::resolve_cpus(Some(list))?
+        Some(list) => CpuList::resolve(Some(list), &sys::allowed_cpus()?)
+            .map_err(anyhow::Error::msg)?
             .into_iter()
             .map(Some)
             .collect(),

@@ -269,6 +269,10 @@ fn afxdp_start_up_errors_and_force() {
         status.success(),
         "ip could not attach a foreign XDP program"
     );
+    // The kernel workers are already running when the attachment is refused: the failed start-up
+    // stops and joins them, so their Unix socket file is removed, not left behind.
+    let socket = std::env::temp_dir().join(format!("ricochet-afxdp-{}.sock", std::process::id()));
+    let unix = format!("unix://{}", socket.display());
     let err = serve_fails_in(
         &lab,
         &[
@@ -278,11 +282,18 @@ fn afxdp_start_up_errors_and_force() {
             &lab.server_if,
             "--listen",
             &listen,
+            "--listen",
+            &unix,
             "--xdp-mode",
             "generic",
         ],
     );
     assert!(err.contains("another XDP program is attached"), "{err}");
+    assert!(
+        !socket.exists(),
+        "a failed start-up left {} behind",
+        socket.display()
+    );
     let server = Server::start_in(
         Some(&lab.server_ns),
         &[

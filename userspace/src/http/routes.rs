@@ -409,7 +409,7 @@ fn register_worker_records(registry: &mut Registry, state: &AppState) {
             drops.get_or_create(&labels).inc_by(s.drops(reason));
         }
     };
-    for w in state.workers.lock().expect("not poisoned").iter() {
+    for w in state.workers.iter() {
         record(w.datapath, w.id, &w.stats.snapshot());
     }
     record("http", 0, &state.http_counter_stats.snapshot());
@@ -429,7 +429,7 @@ pub fn metrics_text(state: &AppState) -> String {
         .map(|f| FieldFamily::new(f.kind))
         .collect();
     let xsk_age = Family::<XskLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-    for w in state.workers.lock().expect("not poisoned").iter() {
+    for w in state.workers.iter() {
         if let Some(live) = &w.xsk {
             for (field, family) in live.snapshot().fields().iter().zip(&xsk_fields) {
                 family.add(&XskLabels { queue: w.id }, field.value);
@@ -453,7 +453,7 @@ pub fn metrics_text(state: &AppState) -> String {
     for (field, family) in xsk_described.iter().zip(xsk_fields) {
         family.register(&mut registry, &format!("xsk_{}", field.name), field.help);
     }
-    if let Some(reader) = state.xdp_stats.lock().expect("not poisoned").as_ref() {
+    if let Some(reader) = &state.xdp_stats {
         if let Some(values) = reader() {
             let family = Family::<XdpLabels, PromCounter>::default();
             for (name, value) in values {
@@ -523,12 +523,10 @@ fn record_json(s: &StatsSnapshot) -> serde_json::Map<String, serde_json::Value> 
     record
 }
 
-/// /stats: configuration, mode, fallbacks, uptime and every statistic in /metrics, as JSON.
+/// /stats: configuration, mode, what started (fallbacks taken), uptime and every statistic in /metrics, as JSON.
 pub fn stats_json(state: &AppState) -> serde_json::Value {
     let workers: Vec<serde_json::Value> = state
         .workers
-        .lock()
-        .expect("not poisoned")
         .iter()
         .map(|w| {
             let mut v = serde_json::Map::new();
@@ -544,16 +542,9 @@ pub fn stats_json(state: &AppState) -> serde_json::Value {
             serde_json::Value::Object(v)
         })
         .collect();
-    let http: serde_json::Map<String, serde_json::Value> = state
-        .http_conns
-        .fields()
-        .iter()
-        .map(|f| (f.name.to_string(), json!(f.value)))
-        .collect();
+    let http = fields_json(&state.http_conns.fields());
     let xdp = state
         .xdp_stats
-        .lock()
-        .expect("not poisoned")
         .as_ref()
         .and_then(|reader| reader())
         .map(|values| {
@@ -564,16 +555,9 @@ pub fn stats_json(state: &AppState) -> serde_json::Value {
                     .collect(),
             )
         });
-    let details: serde_json::Map<String, serde_json::Value> = state
-        .details
-        .lock()
-        .expect("not poisoned")
-        .iter()
-        .map(|(k, v)| (k.clone(), json!(v)))
-        .collect();
     json!({
         "mode": state.mode,
-        "details": details,
+        "started_as": state.started_as,
         "uptime_s": state.started.elapsed().as_secs_f64(),
         "counter": state.counter.load(),
         "ready": state.readiness.reason().is_none(),

@@ -2,7 +2,7 @@
 //! and the HTTP server's own metrics. Everything here is read without locks on the packet path.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -142,13 +142,14 @@ impl HttpConnStats {
 pub struct AppState {
     pub started: Instant,
     pub mode: &'static str,
-    /// Mode details and fallbacks taken, e.g. `xdp=generic`, `zero_copy=off`.
-    pub details: Mutex<Vec<(String, String)>>,
-    /// The configuration as given, for /stats.
+    /// The resolved configuration, for /stats.
     pub config: serde_json::Value,
+    /// What the datapaths started as: modes in effect and fallbacks taken, for /stats.
+    pub started_as: serde_json::Value,
     pub counter: Arc<dyn Counter>,
-    pub workers: Mutex<Vec<WorkerView>>,
-    pub xdp_stats: Mutex<Option<XdpStatsReader>>,
+    /// Every packet worker; set once, before the endpoints start.
+    pub workers: Vec<WorkerView>,
+    pub xdp_stats: Option<XdpStatsReader>,
     pub readiness: Readiness,
     pub http: HttpMetrics,
     /// Statistics of counter updates made over HTTP (POST /counter).
@@ -166,11 +167,11 @@ impl AppState {
         AppState {
             started: Instant::now(),
             mode,
-            details: Mutex::new(Vec::new()),
             config,
+            started_as: serde_json::Value::Null,
             counter,
-            workers: Mutex::new(Vec::new()),
-            xdp_stats: Mutex::new(None),
+            workers: Vec::new(),
+            xdp_stats: None,
             readiness: Readiness::default(),
             http: HttpMetrics::default(),
             http_counter_stats: WorkerStats::default(),

@@ -30,7 +30,7 @@ pub struct KernelWorker {
 }
 
 /// Scheduling options applied inside each worker thread.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Scheduling {
     pub fifo_priority: Option<i32>,
 }

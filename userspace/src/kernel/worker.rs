@@ -33,7 +33,7 @@ const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
 const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Tuning shared by all workers.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct WorkerConfig {
     pub poll: PollMode,
     pub batch: usize,

@@ -1,0 +1,164 @@
+//! `ricochet serve`'s command line, exactly as given: flags only, nothing resolved or probed (see
+//! [`super::config`] for that).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::spec::{duration_in, mode_word, CpuList, ListenSpec, PollMode, XdpAttachMode, ZeroCopy};
+
+mode_word! {
+    /// Which datapath answers requests.
+    Mode {
+        /// Ordinary sockets (UDP, TCP, Unix) served by pinned worker threads.
+        Kernel => "kernel",
+        /// An XDP program steers UDP listener frames into AF_XDP sockets; pinned workers answer in
+        /// UMEM. The kernel path keeps serving loopback, TCP, Unix and queues without a socket.
+        Afxdp => "afxdp",
+        /// The XDP program verifies, counts and answers UDP listener frames itself (XDP_TX); the
+        /// kernel path serves the rest, on the same counter.
+        Xdp => "xdp",
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Datapath that answers requests.
+    #[arg(long, value_enum, default_value = "kernel")]
+    pub mode: Mode,
+
+    /// Where to listen: [PROTO+]TRANSPORT://ADDR with PROTO counter (default), echo or sockperf and
+    /// TRANSPORT udp, tcp or unix; repeat for more listeners. Port 0 picks a free port (the start-up
+    /// lines print it). Examples: udp://0.0.0.0:7777, tcp://0.0.0.0:7777, unix:///run/ricochet.sock,
+    /// sockperf+udp://0.0.0.0:11111.
+    #[arg(long = "listen", value_name = "SPEC", required = true)]
+    pub listen: Vec<ListenSpec>,
+
+    /// CPUs to run one pinned worker each on, in the kernel's list format (0-3,6). Default: every CPU
+    /// this process may use.
+    #[arg(long, value_name = "LIST")]
+    pub cpus: Option<CpuList>,
+
+    /// How workers wait: spin busy-polls non-blocking sockets (lowest latency, a full core per
+    /// worker), block sleeps in epoll (efficient). Default: block in kernel mode.
+    #[arg(long, value_enum)]
+    pub poll: Option<PollMode>,
+
+    /// Run workers under SCHED_FIFO at this priority (1-99); needs root or CAP_SYS_NICE.
+    #[arg(long, value_name = "PRIO", value_parser = clap::value_parser!(i32).range(1..=99))]
+    pub sched_fifo: Option<i32>,
+
+    /// Lock all memory (mlockall) so the datapath never takes a page fault from swap.
+    #[arg(long)]
+    pub mlock: bool,
+
+    /// Datagrams received and answered per batch (recvmmsg/sendmmsg and one counter add).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub batch: u16,
+
+    /// Largest datagram accepted, in bytes; longer ones are dropped and counted as oversize.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u16).range(64..))]
+    pub max_datagram: u16,
+
+    /// Network interface for the afxdp and xdp modes.
+    #[arg(long, value_name = "IF")]
+    pub iface: Option<String>,
+
+    /// RX queues to open an AF_XDP socket on (0-3,6); default every queue of the interface.
+    #[arg(long, value_name = "LIST")]
+    pub queues: Option<CpuList>,
+
+    /// Where the XDP program runs: native (driver), generic (kernel), or auto (native, then generic;
+    /// the default).
+    #[arg(long, value_enum)]
+    pub xdp_mode: Option<XdpAttachMode>,
+
+    /// AF_XDP zero-copy: on, off, or auto (try zero-copy, fall back to copy mode; the default).
+    #[arg(long, value_enum)]
+    pub zero_copy: Option<ZeroCopy>,
+
+    /// UMEM frame size in bytes (2048 or 4096; default 2048).
+    #[arg(long, value_parser = parse_frame_size)]
+    pub frame_size: Option<u32>,
+
+    /// UMEM frames per AF_XDP socket (default 4096).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(64..=1 << 20))]
+    pub frame_count: Option<u32>,
+
+    /// Entries in each AF_XDP ring (fill, completion, RX, TX); a power of two (default 1024).
+    #[arg(long, value_parser = parse_ring_size)]
+    pub ring_size: Option<u32>,
+
+    /// Put the UMEM on huge pages (reserve them first: /proc/sys/vm/nr_hugepages).
+    #[arg(long)]
+    pub huge_pages: bool,
+
+    /// SO_BUSY_POLL microseconds (with SO_PREFER_BUSY_POLL) on the AF_XDP sockets; effective on
+    /// real NICs, accepted but without effect on veth.
+    #[arg(long, value_name = "USECS")]
+    pub busy_poll: Option<u32>,
+
+    /// SO_BUSY_POLL_BUDGET: packets per busy poll (needs --busy-poll).
+    #[arg(long, value_name = "N", requires = "busy_poll")]
+    pub busy_poll_budget: Option<u32>,
+
+    /// Replace an XDP program someone else attached to the interface.
+    #[arg(long)]
+    pub force: bool,
+
+    /// A hardware profile (hw-profiles/*.toml): interface, queues, worker CPUs, XDP and zero-copy modes,
+    /// UMEM sizes and busy polling come from it; flags given on the command line win.
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<PathBuf>,
+
+    /// Address of the HTTP endpoints (health, metrics, counter API, profiling, dashboard):
+    /// HOST:PORT, unix:///PATH, or off.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9100")]
+    pub http: String,
+
+    /// Bearer token for POST /counter and /debug/pprof/*; required when --http is not loopback.
+    #[arg(
+        long,
+        env = "RICOCHET_HTTP_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub http_token: Option<String>,
+
+    /// HTTP requests per second allowed per source address (429 beyond); 0 turns the limit off.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    pub http_rate_limit: u32,
+
+    /// Time a client has to send a request's line and headers once it started (slowloris), e.g. 10s.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration_in(Duration::from_millis(100), Duration::from_secs(3600)))]
+    pub http_header_timeout: Duration,
+
+    /// Time an idle keep-alive connection is kept open, e.g. 60s.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration_in(Duration::from_secs(1), Duration::from_secs(86_400)))]
+    pub http_idle_timeout: Duration,
+
+    /// Most bytes that partial HTTP requests (line, headers, body still arriving) may hold in memory
+    /// together, across all connections; a request that would exceed it gets 503 and its connection
+    /// closes.
+    #[arg(long, value_name = "BYTES", default_value_t = 16 << 20, value_parser = clap::value_parser!(u64).range(65536..=1 << 32))]
+    pub http_max_pending: u64,
+
+    /// HTTP worker threads; default one per housekeeping CPU (CPUs not in --cpus), else one per CPU.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub http_workers: Option<u16>,
+}
+
+fn parse_frame_size(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n @ (2048 | 4096)) => Ok(n),
+        _ => Err(format!("frame size '{s}' is not 2048 or 4096")),
+    }
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n.is_power_of_two() && (64..=16384).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "ring size '{s}' is not a power of two between 64 and 16384"
+        )),
+    }
+}

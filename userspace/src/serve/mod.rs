@@ -1,0 +1,109 @@
+//! `ricochet serve` as a pipeline, one step per module:
+//!
+//! 1. [`config`]: resolve the flags, the profile and the machine's facts into one checked [`Config`];
+//! 2. [`datapaths`]: start the kernel workers and the bypass part under one owner;
+//! 3. [`publish`]: give the endpoints their views and start the HTTP server;
+//! 4. supervise (here): wait for signals and watch the workers;
+//! 5. shut down and print the final [`report`].
+
+mod args;
+mod config;
+mod datapaths;
+mod publish;
+mod report;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::Signal;
+
+use crate::http::{AppState, HttpServer};
+use crate::sys;
+pub use args::{Mode, ServeArgs};
+pub use config::Config;
+use datapaths::Datapaths;
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let config = Config::resolve(args)?;
+    prepare_process(&config)?;
+    let paths = Datapaths::start(&config)?;
+    let state = publish::app_state(&config, &paths);
+    let http = match &config.http {
+        Some(plan) => Some(publish::start_http(&config, plan, state.clone())?),
+        None => None,
+    };
+    report::print(&report::ready_text(&config, &paths, http.as_ref()))?;
+    let ending = supervise(&paths, &state, http.as_ref());
+    // Shutdown: the endpoints first (they finish requests in flight), then the datapaths.
+    state.readiness.stopping.store(true, Ordering::Relaxed);
+    if let Some(server) = http {
+        server.shutdown();
+    }
+    drop(state);
+    let report = paths.finish();
+    report::print(&report.render(""))?;
+    match (ending, report.errors.is_empty()) {
+        (Ending::Signal, true) => Ok(()),
+        (ending, _) => bail!("{}: {}", ending.failure(), report.errors.join("; ")),
+    }
+}
+
+/// Process-wide set-up before any worker starts.
+fn prepare_process(config: &Config) -> Result<()> {
+    if config.mlock {
+        sys::lock_all_memory().context(
+            "--mlock failed: mlockall needs root, CAP_IPC_LOCK or a large enough 'ulimit -l'",
+        )?;
+    }
+    // Raise the descriptor limit for many stream connections; keep going if the hard limit is low.
+    let _ = sys::raise_fd_limit();
+    sys::block_handled_signals().context("cannot block SIGINT, SIGTERM, SIGQUIT and SIGHUP")
+}
+
+/// Why serving ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// SIGINT, SIGTERM or SIGQUIT: a graceful stop.
+    Signal,
+    PacketWorkerStopped,
+    HttpWorkerStopped,
+}
+
+impl Ending {
+    fn failure(self) -> &'static str {
+        match self {
+            Ending::Signal => "a worker failed",
+            Ending::PacketWorkerStopped => "a worker stopped unexpectedly",
+            Ending::HttpWorkerStopped => "an HTTP worker stopped unexpectedly",
+        }
+    }
+}
+
+/// Serves until a stop signal or a dead worker. SIGHUP prints a status report and keeps serving
+/// (there is nothing to reload).
+fn supervise(paths: &Datapaths, state: &AppState, http: Option<&HttpServer>) -> Ending {
+    loop {
+        match sys::wait_for_signal(Duration::from_millis(200)) {
+            Some(Signal::SIGHUP) => {
+                let _ = report::print(&paths.status().render("status"));
+            }
+            Some(signal) => {
+                tracing::info!("{signal} received, stopping");
+                return Ending::Signal;
+            }
+            None => {}
+        }
+        let running = paths.running();
+        let readiness = &state.readiness;
+        readiness.workers_running.store(running, Ordering::Relaxed);
+        if running < paths.started() {
+            return Ending::PacketWorkerStopped;
+        }
+        // A dead HTTP thread takes the process down rather than leaving it alive and looking
+        // healthy; a supervisor (systemd's Restart=on-failure) starts it again.
+        if http.is_some_and(HttpServer::any_worker_finished) {
+            return Ending::HttpWorkerStopped;
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! The third step of `serve`: what the endpoints see (the workers' statistics records, the XDP
+//! program's counters, readiness, the resolved configuration and what actually started) and the
+//! HTTP server that shows it. The endpoints read records; they never reach into a datapath.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Result;
+
+use super::config::{Config, HttpPlan};
+use super::datapaths::{Bypass, Datapaths};
+use crate::http::{Access, AppState, HttpConfig, HttpServer, WorkerView};
+use crate::spec::{PollMode, XdpAttachMode, ZeroCopy};
+use crate::xdp::AttachedMode;
+
+/// What the datapaths started as, where that can differ from what was asked for.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StartedAs {
+    pub kernel_poll: PollMode,
+    pub afxdp_poll: Option<PollMode>,
+    pub xdp_mode: Option<AttachedMode>,
+    pub zero_copy: Option<bool>,
+    pub fallbacks: Vec<Fallback>,
+}
+
+/// A degraded mode the kernel or the driver chose for us (probe, then degrade visibly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// Native XDP was refused; the program runs in the generic receive path.
+    XdpGeneric,
+    /// Zero-copy was refused; the AF_XDP sockets copy.
+    CopyMode,
+}
+
+impl std::fmt::Display for Fallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Fallback::XdpGeneric => "xdp native -> generic mode",
+            Fallback::CopyMode => "zero-copy -> copy mode",
+        })
+    }
+}
+
+impl serde::Serialize for Fallback {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl StartedAs {
+    pub fn of(config: &Config, paths: &Datapaths) -> StartedAs {
+        let asked = config.bypass.as_ref();
+        let xdp_asked = asked.map_or(XdpAttachMode::Auto, |b| b.xdp_mode);
+        let zero_copy_asked = asked
+            .and_then(|b| b.afxdp.as_ref())
+            .map_or(ZeroCopy::Auto, |a| a.zero_copy);
+        let (xdp_mode, zero_copy) = match &paths.bypass {
+            Bypass::None => (None, None),
+            Bypass::Afxdp(dp) => (Some(dp.attached), Some(dp.zero_copy)),
+            Bypass::Xdp(_, attached) => (Some(*attached), None),
+        };
+        let mut fallbacks = Vec::new();
+        if xdp_mode == Some(AttachedMode::Generic) && xdp_asked != XdpAttachMode::Generic {
+            fallbacks.push(Fallback::XdpGeneric);
+        }
+        if zero_copy == Some(false) && zero_copy_asked == ZeroCopy::Auto {
+            fallbacks.push(Fallback::CopyMode);
+        }
+        StartedAs {
+            kernel_poll: config.kernel.poll,
+            afxdp_poll: asked.and_then(|b| b.afxdp.as_ref()).map(|a| a.poll),
+            xdp_mode,
+            zero_copy,
+            fallbacks,
+        }
+    }
+}
+
+/// The endpoints' view of the running datapaths.
+pub fn app_state(config: &Config, paths: &Datapaths) -> Arc<AppState> {
+    let mut config_json = serde_json::to_value(config).expect("the configuration serialises");
+    config_json["listen"] = serde_json::to_value(&paths.bound).expect("listen specs serialise");
+    let mut state = AppState::new(config.mode.as_str(), config_json, paths.counter.clone());
+    state.started_as =
+        serde_json::to_value(StartedAs::of(config, paths)).expect("the start-up facts serialise");
+    state.workers = worker_views(paths);
+    state.xdp_stats = paths.program().map(|p| Box::new(p.stats_reader()) as _);
+    let readiness = &state.readiness;
+    readiness
+        .workers_expected
+        .store(paths.started(), Ordering::Relaxed);
+    readiness
+        .workers_running
+        .store(paths.running(), Ordering::Relaxed);
+    let has_program = paths.program().is_some();
+    readiness.xdp_expected.store(has_program, Ordering::Relaxed);
+    readiness.xdp_attached.store(has_program, Ordering::Relaxed);
+    if let Some(plan) = &config.http {
+        state.http_conns.pending.set_limit(plan.max_pending);
+    }
+    Arc::new(state)
+}
+
+fn worker_views(paths: &Datapaths) -> Vec<WorkerView> {
+    let kernel = paths.kernel.iter().enumerate().map(|(i, w)| WorkerView {
+        datapath: "kernel",
+        id: i as u32,
+        cpu: w.cpu,
+        stats: w.stats.clone(),
+        xsk: None,
+    });
+    let afxdp = paths.afxdp_workers().map(|w| WorkerView {
+        datapath: "afxdp",
+        id: w.queue,
+        cpu: w.cpu,
+        stats: w.stats.clone(),
+        xsk: Some(w.xsk.clone()),
+    });
+    kernel.chain(afxdp).collect()
+}
+
+/// Starts the HTTP endpoints on the housekeeping CPUs.
+pub fn start_http(config: &Config, plan: &HttpPlan, state: Arc<AppState>) -> Result<HttpServer> {
+    let http = HttpConfig {
+        access: Access {
+            token: plan.token.clone(),
+        },
+        listen: plan.listen.clone(),
+        rate_limit: plan.rate_limit,
+        workers: plan.workers,
+        cpus: config.placement.housekeeping.clone(),
+        header_timeout: plan.header_timeout.0,
+        idle_timeout: plan.idle_timeout.0,
+    };
+    HttpServer::start(http, state)
+}
