@@ -137,6 +137,18 @@ fn afxdp_generic_mode_and_sigkill_leave_nothing() {
         .unwrap_or_else(|| panic!("no statistics age for queue {queue}:\n{metrics}"));
         assert!(age < 1.0, "queue {queue}: XDP_STATISTICS are {age} s old");
     }
+    let response = http_get_in(&lab.server_ns, &server, "/stats");
+    let (_, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let stats: serde_json::Value = serde_json::from_str(body).unwrap();
+    every_bypass_statistic_is_in_metrics_and_stats(&metrics, &stats);
+    // Generic mode was asked for, so it is no fallback; copy mode on veth is one.
+    assert_eq!(stats["started_as"]["xdp_mode"], "generic", "{stats}");
+    assert_eq!(stats["started_as"]["zero_copy"], false, "{stats}");
+    assert_eq!(
+        stats["started_as"]["fallbacks"],
+        serde_json::json!(["zero-copy -> copy mode"]),
+        "{stats}"
+    );
     // SIGKILL: no chance to clean up; the BPF link dies with the process.
     let _ = server.signal(nix::sys::signal::Signal::SIGKILL);
     std::thread::sleep(Duration::from_millis(200));
@@ -146,7 +158,44 @@ fn afxdp_generic_mode_and_sigkill_leave_nothing() {
     );
 }
 
-/// GET `path` from the server's HTTP endpoint (on loopback inside namespace `ns`); returns the body.
+/// Every field of the AF_XDP socket record (per queue) and every XDP program counter is in both
+/// /metrics and /stats: both views render the same field lists.
+fn every_bypass_statistic_is_in_metrics_and_stats(metrics: &str, stats: &serde_json::Value) {
+    let afxdp: Vec<&serde_json::Value> = stats["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["datapath"] == "afxdp")
+        .collect();
+    assert!(!afxdp.is_empty(), "no afxdp worker in /stats: {stats}");
+    for field in ricochet::stats::XskStats::default().fields() {
+        for w in &afxdp {
+            let queue = &w["id"];
+            let sample = format!("ricochet_xsk_{}_total{{queue=\"{queue}\"}}", field.name);
+            assert!(
+                metric_value(metrics, &sample).is_some(),
+                "{sample} is not in /metrics"
+            );
+            assert!(
+                w["xsk"][field.name].is_u64(),
+                "xsk {} is not in /stats: {w}",
+                field.name
+            );
+        }
+    }
+    for stat in ricochet::xdp::maps::XdpStat::ALL {
+        let name = stat.as_str();
+        let sample = format!("ricochet_xdp_program_total{{counter=\"{name}\"}}");
+        assert!(
+            metric_value(metrics, &sample).is_some(),
+            "{sample} is not in /metrics"
+        );
+        assert!(stats["xdp"][name].is_u64(), "xdp {name} is not in /stats");
+    }
+}
+
+/// GET `path` from the server's HTTP endpoint (on loopback inside namespace `ns`); returns the
+/// whole response, head and body.
 fn http_get_in(ns: &str, server: &Server, path: &str) -> String {
     use std::io::{Read, Write};
     let addr: std::net::SocketAddr = server

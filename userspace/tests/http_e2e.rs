@@ -307,18 +307,23 @@ fn every_statistic_is_in_metrics_and_stats() {
             );
         }
     }
-    for name in ["http_conns_refused", "http_pending_rejected"] {
-        assert!(
-            sample(&format!("ricochet_{name}_total"), &[]),
-            "{name} is not in /metrics"
-        );
-        assert!(stats["http"][name].is_u64(), "{name} is not in /stats");
+    let http_fields = ricochet::http::state::HttpConnStats::default().fields();
+    let names: Vec<&str> = http_fields.iter().map(|f| f.name).collect();
+    for name in [
+        "http_conns_refused",
+        "http_pending_rejected",
+        "http_pending_bytes",
+        "http_pending_limit_bytes",
+    ] {
+        assert!(names.contains(&name), "{name} is no longer described");
     }
-    for name in ["http_pending_bytes", "http_pending_limit_bytes"] {
-        assert!(
-            sample(&format!("ricochet_{name}"), &[]),
-            "{name} is not in /metrics"
-        );
+    for field in http_fields {
+        let name = field.name;
+        let metric = match field.kind {
+            FieldKind::Counter => format!("ricochet_{name}_total"),
+            FieldKind::Gauge => format!("ricochet_{name}"),
+        };
+        assert!(sample(&metric, &[]), "{metric} is not in /metrics");
         assert!(stats["http"][name].is_u64(), "{name} is not in /stats");
     }
 }

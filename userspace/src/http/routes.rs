@@ -419,74 +419,64 @@ fn register_worker_records(registry: &mut Registry, state: &AppState) {
     registry.register("drops", "Requests dropped, by reason", drops);
 }
 
-/// The Prometheus (OpenMetrics) exposition, built from lock-free reads of the worker records.
-pub fn metrics_text(state: &AppState) -> String {
-    let mut registry = Registry::with_prefix("ricochet");
-    register_worker_records(&mut registry, state);
-    let xsk_described = XskStats::default().fields();
-    let xsk_fields: Vec<FieldFamily<XskLabels>> = xsk_described
-        .iter()
-        .map(|f| FieldFamily::new(f.kind))
-        .collect();
-    let xsk_age = Family::<XskLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-    for w in state.workers.iter() {
-        if let Some(live) = &w.xsk {
-            for (field, family) in live.snapshot().fields().iter().zip(&xsk_fields) {
-                family.add(&XskLabels { queue: w.id }, field.value);
-            }
-            if let Some(age) = live.age() {
-                xsk_age
-                    .get_or_create(&XskLabels { queue: w.id })
-                    .set(age.as_secs_f64());
-            }
+/// The AF_XDP socket records (every field of [`XskStats::fields`]) and their age, per queue.
+fn register_xsk_records(registry: &mut Registry, state: &AppState) {
+    let described = XskStats::default().fields();
+    let families: Vec<FieldFamily<XskLabels>> =
+        described.iter().map(|f| FieldFamily::new(f.kind)).collect();
+    let age = Family::<XskLabels, Gauge<f64, AtomicU64>>::default();
+    for w in &state.workers {
+        let Some(live) = &w.xsk else { continue };
+        let labels = XskLabels { queue: w.id };
+        for (field, family) in live.snapshot().fields().iter().zip(&families) {
+            family.add(&labels, field.value);
         }
+        if let Some(published) = live.age() {
+            age.get_or_create(&labels).set(published.as_secs_f64());
+        }
+    }
+    for (field, family) in described.iter().zip(families) {
+        family.register(registry, &format!("xsk_{}", field.name), field.help);
     }
     registry.register_with_unit(
         "xsk_stats_age",
         "Time since the AF_XDP worker last refreshed its XDP_STATISTICS",
-        prometheus_client::registry::Unit::Seconds,
-        xsk_age,
+        Unit::Seconds,
+        age,
     );
-    for field in state.http_conns.fields() {
-        register_field(&mut registry, &field);
+}
+
+/// The XDP program's counters ([`crate::xdp::maps::XdpStat`]), summed over CPUs, if one is loaded.
+fn register_xdp_program(registry: &mut Registry, state: &AppState) {
+    let Some(values) = state.xdp_stats.as_ref().and_then(|reader| reader()) else {
+        return;
+    };
+    let family = Family::<XdpLabels, PromCounter>::default();
+    for (name, value) in values {
+        family
+            .get_or_create(&XdpLabels { counter: name })
+            .inc_by(value);
     }
-    for (field, family) in xsk_described.iter().zip(xsk_fields) {
-        family.register(&mut registry, &format!("xsk_{}", field.name), field.help);
-    }
-    if let Some(reader) = &state.xdp_stats {
-        if let Some(values) = reader() {
-            let family = Family::<XdpLabels, PromCounter>::default();
-            for (name, value) in values {
-                family
-                    .get_or_create(&XdpLabels { counter: name })
-                    .inc_by(value);
-            }
-            registry.register(
-                "xdp_program",
-                "The XDP program's per-CPU counters, summed over CPUs",
-                family,
-            );
-        }
-    }
-    let counter = Gauge::<u64, std::sync::atomic::AtomicU64>::default();
+    registry.register(
+        "xdp_program",
+        "The XDP program's per-CPU counters, summed over CPUs",
+        family,
+    );
+}
+
+/// The counter, uptime, build information and the HTTP server's own request metrics.
+fn register_process(registry: &mut Registry, state: &AppState) {
+    let counter = Gauge::<u64, AtomicU64>::default();
     counter.set(state.counter.load());
     registry.register("counter", "The global counter", counter);
-    let uptime = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    let uptime = Gauge::<f64, AtomicU64>::default();
     uptime.set(state.started.elapsed().as_secs_f64());
-    registry.register_with_unit(
-        "uptime",
-        "Time since start",
-        prometheus_client::registry::Unit::Seconds,
-        uptime,
-    );
-    registry.register(
-        "build",
-        "Build information",
-        Info::new(BuildLabels {
-            version: env!("CARGO_PKG_VERSION"),
-            mode: state.mode,
-        }),
-    );
+    registry.register_with_unit("uptime", "Time since start", Unit::Seconds, uptime);
+    let build = Info::new(BuildLabels {
+        version: env!("CARGO_PKG_VERSION"),
+        mode: state.mode,
+    });
+    registry.register("build", "Build information", build);
     registry.register(
         "http_requests",
         "HTTP requests by route and status",
@@ -495,9 +485,22 @@ pub fn metrics_text(state: &AppState) -> String {
     registry.register_with_unit(
         "http_request_duration",
         "HTTP request handling time",
-        prometheus_client::registry::Unit::Seconds,
+        Unit::Seconds,
         state.http.latency.clone(),
     );
+}
+
+/// The Prometheus (OpenMetrics) exposition, built from lock-free reads of the statistics records;
+/// each record's metrics come from its own field list, as `/stats` and the exit report do.
+pub fn metrics_text(state: &AppState) -> String {
+    let mut registry = Registry::with_prefix("ricochet");
+    register_worker_records(&mut registry, state);
+    register_xsk_records(&mut registry, state);
+    for field in state.http_conns.fields() {
+        register_field(&mut registry, &field);
+    }
+    register_xdp_program(&mut registry, state);
+    register_process(&mut registry, state);
     let mut out = String::with_capacity(16 * 1024);
     prometheus_client::encoding::text::encode(&mut out, &registry)
         .expect("writing to a String cannot fail");
