@@ -446,7 +446,7 @@ fn register_xsk_records(registry: &mut Registry, state: &AppState) {
     );
 }
 
-/// The XDP program's counters ([`crate::xdp::maps::XdpStat`]), summed over CPUs, if one is loaded.
+/// The XDP program's counters, summed over CPUs, if one is loaded (serve hands in a reader).
 fn register_xdp_program(registry: &mut Registry, state: &AppState) {
     let Some(values) = state.xdp_stats.as_ref().and_then(|reader| reader()) else {
         return;
