@@ -36,41 +36,69 @@ const IPPROTO_UDP: u8 = 17;
 const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
 const IPV4_FRAGMENT_OFFSET: u16 = 0x1fff;
 
-/// The listeners, keyed as the programs' `listeners` map is: built once, looked up without allocating.
+/// A destination as the programs' `listeners` map keys it: port, family (4 or 6) and address, an
+/// IPv4 address in the first four bytes. Ordered by port first, so a lookup is a binary search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Destination {
+    port: u16,
+    family: u8,
+    addr: [u8; 16],
+}
+
+impl Destination {
+    fn of(addr: SocketAddr) -> Destination {
+        let key = ListenerKey::new(addr);
+        Destination {
+            port: addr.port(),
+            family: key.family,
+            addr: key.addr,
+        }
+    }
+
+    /// The wildcard (0.0.0.0 or ::) of the same family and port.
+    fn wildcard(self) -> Destination {
+        Destination {
+            addr: [0; 16],
+            ..self
+        }
+    }
+}
+
+/// The listeners, keyed as the programs' `listeners` map is: built once, sorted, looked up by binary
+/// search without allocating (a handful of listeners fit in a cache line or two).
 #[derive(Debug, Clone, Default)]
 pub struct Listeners {
-    entries: Vec<(ListenerKey, Protocol)>,
+    sorted: Vec<(Destination, Protocol)>,
 }
 
 impl Listeners {
     /// A later listener with the same address and port replaces an earlier one, as an update of the
     /// programs' hash map does.
     pub fn new(listeners: &[(SocketAddr, Protocol)]) -> Listeners {
-        let mut entries: Vec<(ListenerKey, Protocol)> = Vec::with_capacity(listeners.len());
+        let mut sorted: Vec<(Destination, Protocol)> = Vec::with_capacity(listeners.len());
         for (addr, protocol) in listeners {
-            let key = ListenerKey::new(*addr);
-            match entries.iter_mut().find(|(k, _)| *k == key) {
+            let key = Destination::of(*addr);
+            match sorted.iter_mut().find(|(k, _)| *k == key) {
                 Some(entry) => entry.1 = *protocol,
-                None => entries.push((key, *protocol)),
+                None => sorted.push((key, *protocol)),
             }
         }
-        Listeners { entries }
+        sorted.sort_unstable_by_key(|(key, _)| *key);
+        Listeners { sorted }
     }
 
     /// The protocol of the listener for `destination`: its exact address first, then the unspecified
     /// address (0.0.0.0 or ::) of the same family.
     pub fn lookup(&self, destination: SocketAddr) -> Option<Protocol> {
-        let mut key = ListenerKey::new(destination);
-        self.find(&key).or_else(|| {
-            key.addr = [0; 16];
-            self.find(&key)
-        })
+        self.find(Destination::of(destination))
     }
 
-    fn find(&self, key: &ListenerKey) -> Option<Protocol> {
-        self.entries
-            .iter()
-            .find_map(|(k, protocol)| (k == key).then_some(*protocol))
+    fn find(&self, key: Destination) -> Option<Protocol> {
+        let get = |key: &Destination| {
+            let i = self.sorted.binary_search_by(|(k, _)| k.cmp(key)).ok()?;
+            Some(self.sorted[i].1)
+        };
+        get(&key).or_else(|| get(&key.wildcard()))
     }
 }
 
@@ -87,22 +115,29 @@ pub enum Verdict {
 
 /// Classifies a frame by the programs' rules (see the module documentation).
 pub fn classify(frame: &[u8], listeners: &Listeners) -> Verdict {
+    classify_located(frame, listeners).1
+}
+
+/// Classifies a frame, parsing it once; also returns where its UDP datagram is, when it has one (a
+/// dropped datagram's payload is still counted in `rx_bytes`).
+pub fn classify_located(frame: &[u8], listeners: &Listeners) -> (Option<UdpFrame>, Verdict) {
     let Some(udp) = UdpFrame::locate(frame) else {
-        return Verdict::Pass;
+        return (None, Verdict::Pass);
     };
     let Some(protocol) = udp
-        .destination(frame)
-        .and_then(|(ip, port)| listeners.lookup(SocketAddr::new(ip, port)))
+        .destination_key(frame)
+        .and_then(|key| listeners.find(key))
     else {
-        return Verdict::Pass;
+        return (Some(udp), Verdict::Pass);
     };
-    match udp.check(frame, protocol) {
+    let verdict = match udp.check(frame, protocol) {
         Ok(()) => Verdict::Request {
             frame: udp,
             protocol,
         },
         Err(reason) => Verdict::Drop(reason),
-    }
+    };
+    (Some(udp), verdict)
 }
 
 /// Where the parts of a UDP datagram are in a frame, found by the programs' parse rules.
@@ -247,6 +282,20 @@ impl UdpFrame {
         Some((addr, port))
     }
 
+    /// The destination as the listener table keys it, read straight from the frame.
+    fn destination_key(&self, frame: &[u8]) -> Option<Destination> {
+        let port = be16(frame, self.udp_offset + 2)?;
+        let mut addr = [0u8; 16];
+        let family = if self.ipv6 {
+            addr.copy_from_slice(frame.get(self.ip_offset + 24..self.ip_offset + 40)?);
+            6
+        } else {
+            addr[..4].copy_from_slice(frame.get(self.ip_offset + 16..self.ip_offset + 20)?);
+            4
+        };
+        Some(Destination { port, family, addr })
+    }
+
     /// The source and destination address fields, in the frame's IP header.
     fn address_range(&self) -> (std::ops::Range<usize>, usize) {
         if self.ipv6 {
@@ -350,6 +399,55 @@ mod test {
             Verdict::Request { frame, .. } => frame,
             other => panic!("not a request: {other:?}"),
         }
+    }
+
+    #[test]
+    fn listener_lookup_prefers_the_exact_address_then_the_wildcard_of_its_family() {
+        let at = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let mut entries = vec![
+            (at("0.0.0.0:7777"), Protocol::Echo),
+            (at("198.18.0.1:7777"), Protocol::Counter),
+            (at("[::]:11111"), Protocol::Sockperf),
+        ];
+        // Many more listeners on other ports: the lookup is a binary search, not a scan.
+        entries.extend(
+            (20000..20200).map(|p| (SocketAddr::new(at("198.18.0.9:1").ip(), p), Protocol::Echo)),
+        );
+        // A later entry for the same address and port replaces the earlier one.
+        entries.push((at("198.18.0.9:20100"), Protocol::Counter));
+        let listeners = Listeners::new(&entries);
+        assert_eq!(
+            listeners.lookup(at("198.18.0.1:7777")),
+            Some(Protocol::Counter)
+        );
+        assert_eq!(
+            listeners.lookup(at("198.18.0.2:7777")),
+            Some(Protocol::Echo)
+        );
+        assert_eq!(
+            listeners.lookup(at("[2001:db8::1]:7777")),
+            None,
+            "no IPv6 wildcard on 7777"
+        );
+        assert_eq!(
+            listeners.lookup(at("[2001:db8::1]:11111")),
+            Some(Protocol::Sockperf)
+        );
+        assert_eq!(
+            listeners.lookup(at("198.18.0.1:11111")),
+            None,
+            "no IPv4 listener on 11111"
+        );
+        assert_eq!(
+            listeners.lookup(at("198.18.0.9:20199")),
+            Some(Protocol::Echo)
+        );
+        assert_eq!(
+            listeners.lookup(at("198.18.0.9:20100")),
+            Some(Protocol::Counter)
+        );
+        assert_eq!(listeners.lookup(at("198.18.0.9:20200")), None);
+        assert_eq!(listeners.lookup(at("198.18.0.8:20150")), None);
     }
 
     #[test]

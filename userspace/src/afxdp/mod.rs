@@ -1,13 +1,16 @@
 //! The AF_XDP datapath: the XDP program steers frames for the UDP listeners into one AF_XDP socket
 //! per RX queue; a pinned worker per queue answers them in UMEM with the shared core.
 
+pub mod engine;
+mod flusher;
 pub mod frame;
+mod ledger;
 mod umem;
 pub mod worker;
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -15,11 +18,13 @@ use anyhow::{anyhow, bail, Context, Result};
 
 pub use worker::SocketParams;
 
+use engine::FrameEngine;
+use worker::WorkerContext;
+
 use crate::core::{Counter, Protocol};
-use crate::iface;
 use crate::spec::CpuId;
 use crate::spec::XdpAttachMode;
-use crate::stats::{WorkerStats, XskStats};
+use crate::stats::{WorkerStats, XskLive, XskStats};
 use crate::sys;
 use crate::xdp::{AttachedMode, ProgramKind, XdpProgram};
 
@@ -28,7 +33,7 @@ pub struct AfXdpWorker {
     pub queue: u32,
     pub cpu: CpuId,
     pub stats: Arc<WorkerStats>,
-    pub xsk: Arc<crate::stats::XskLive>,
+    pub xsk: Arc<XskLive>,
     pub handle: JoinHandle<Result<XskStats>>,
 }
 
@@ -60,79 +65,103 @@ fn place_thread(queue: u32, cpu: CpuId, fifo_priority: Option<i32>) -> Result<()
     Ok(())
 }
 
-/// Loads and attaches the steering program, then starts one worker per queue, mapped to `cpus`
-/// queue by queue.
-#[allow(clippy::too_many_arguments)]
+/// What the AF_XDP datapath serves: its sockets, the UDP listeners the program steers, the queues
+/// (checked against the interface by the caller) and the CPUs, mapped queue by queue.
+pub struct AfxdpPlan<'a> {
+    pub params: &'a SocketParams,
+    pub listeners: &'a [(SocketAddr, Protocol)],
+    pub queues: &'a [u32],
+    pub cpus: &'a [CpuId],
+    pub xdp_mode: XdpAttachMode,
+    /// Replace an XDP program someone else attached.
+    pub force: bool,
+}
+
+/// Loads and attaches the steering program, then starts one worker per queue. If a worker fails to
+/// start, those already running are stopped (through `stop`) and joined before the error returns.
 pub fn start(
-    params: &SocketParams,
-    listeners: &[(SocketAddr, Protocol)],
-    queues: &[u32],
-    cpus: &[CpuId],
-    xdp_mode: XdpAttachMode,
-    force: bool,
+    plan: &AfxdpPlan,
     counter: Arc<dyn Counter>,
     stop: Arc<AtomicBool>,
 ) -> Result<AfXdpDatapath> {
-    let iface = params.iface.as_str();
-    let n_queues = iface::rx_queue_count(iface)?;
-    for &q in queues {
-        if q >= n_queues {
-            bail!(
-                "{iface} has {n_queues} RX queues (0-{}): queue {q} does not exist",
-                n_queues.saturating_sub(1)
-            );
-        }
-    }
-    iface::check_listener_addresses(iface, listeners.iter().map(|(addr, _)| *addr))?;
-    let mut program = XdpProgram::load(ProgramKind::Steer, listeners)?;
-    let attached = program.attach(iface, xdp_mode, force)?;
-    let table = Arc::new(frame::Listeners::new(listeners));
-
-    let mut workers = Vec::new();
+    let mut program = XdpProgram::load(ProgramKind::Steer, plan.listeners)?;
+    let attached = program.attach(&plan.params.iface, plan.xdp_mode, plan.force)?;
+    let engine = FrameEngine::new(frame::Listeners::new(plan.listeners));
+    let mut starting = Starting {
+        workers: Vec::with_capacity(plan.queues.len()),
+        stop: stop.clone(),
+    };
     let mut zero_copy = true;
-    for (i, &queue) in queues.iter().enumerate() {
-        let cpu = cpus[i % cpus.len()];
-        let stats = Arc::new(WorkerStats::default());
-        let xsk = Arc::new(crate::stats::XskLive::default());
-        let live = xsk.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (params, table, stats2, counter, stop) = (
-            params.clone(),
-            table.clone(),
-            stats.clone(),
-            counter.clone(),
-            stop.clone(),
-        );
-        let handle = std::thread::Builder::new()
-            .name(format!("afxdp-q{queue}"))
-            .spawn(move || -> Result<XskStats> {
-                if let Err(e) = place_thread(queue, cpu, params.fifo_priority) {
-                    // Start-up waits for this message: say why instead of dying silently.
-                    let message = format!("{e:#}");
-                    let _ = tx.send(Err(e));
-                    return Err(anyhow!(message));
-                }
-                worker::run(params, queue, table, stats2, counter, stop, tx, live)
-            })
-            .context("cannot spawn an AF_XDP worker")?;
-        let started = rx
-            .recv()
-            .map_err(|_| anyhow!("the queue {queue} worker died during start-up"))?
-            .with_context(|| format!("queue {queue}"))?;
+    for (i, &queue) in plan.queues.iter().enumerate() {
+        let context = WorkerContext {
+            params: plan.params.clone(),
+            queue,
+            engine: engine.clone(),
+            stats: Arc::new(WorkerStats::default()),
+            counter: counter.clone(),
+            stop: stop.clone(),
+            live: Arc::new(XskLive::default()),
+        };
+        let (worker, started) = spawn_worker(context, plan.cpus[i % plan.cpus.len()])?;
+        starting.workers.push(worker);
         zero_copy &= started.zero_copy;
         program.register_socket(queue, Fd(started.fd))?;
-        workers.push(AfXdpWorker {
-            queue,
-            cpu,
-            stats,
-            xsk,
-            handle,
-        });
     }
     Ok(AfXdpDatapath {
         program,
-        workers,
+        workers: std::mem::take(&mut starting.workers),
         attached,
         zero_copy,
     })
+}
+
+/// The workers of a start-up in progress: dropped before start-up finishes (an error), it stops
+/// and joins them.
+struct Starting {
+    workers: Vec<AfXdpWorker>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if self.workers.is_empty() {
+            return;
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        for worker in self.workers.drain(..) {
+            let _ = worker.handle.join();
+        }
+    }
+}
+
+/// Starts one worker thread on `cpu` and waits until its socket is bound (or it failed).
+fn spawn_worker(context: WorkerContext, cpu: CpuId) -> Result<(AfXdpWorker, worker::Started)> {
+    let queue = context.queue;
+    let (stats, xsk) = (context.stats.clone(), context.live.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name(format!("afxdp-q{queue}"))
+        .spawn(move || -> Result<XskStats> {
+            if let Err(e) = place_thread(queue, cpu, context.params.fifo_priority) {
+                // Start-up waits for this message: say why instead of dying silently.
+                let message = format!("{e:#}");
+                let _ = tx.send(Err(e));
+                return Err(anyhow!(message));
+            }
+            worker::run(context, tx)
+        })
+        .context("cannot spawn an AF_XDP worker")?;
+    let started = match rx.recv() {
+        Ok(Ok(started)) => started,
+        Ok(Err(e)) => return Err(e.context(format!("queue {queue}"))),
+        Err(_) => bail!("the queue {queue} worker died during start-up"),
+    };
+    let worker = AfXdpWorker {
+        queue,
+        cpu,
+        stats,
+        xsk,
+        handle,
+    };
+    Ok((worker, started))
 }

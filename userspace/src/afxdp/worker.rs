@@ -1,8 +1,10 @@
 //! One AF_XDP worker: one socket bound to one RX queue, its own UMEM and rings, pinned to one CPU.
+//! This is the I/O shell around three sans-IO parts: the [`FrameEngine`] (parse, look up, answer in
+//! place), the [`FrameLedger`] (where every frame is) and the [`TxFlusher`] (when to kick).
 //!
 //! Per turn it reaps TX completions, refills the fill ring, takes a batch from the RX ring, lets the
-//! core verify and answer it (one counter add per batch), turns each answered frame into its reply in
-//! place and puts the batch on the TX ring, kicking the kernel only when need_wakeup asks.
+//! engine and the core verify and answer it (one counter add per batch), and puts the replies on the
+//! TX ring, kicking the kernel only when need_wakeup asks.
 
 use std::ffi::CString;
 use std::num::NonZeroU32;
@@ -14,11 +16,13 @@ use anyhow::{anyhow, Context, Result};
 use xdpilone::xdp::XdpDesc;
 use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, UmemConfig, User};
 
-use super::frame::{classify, Listeners, UdpFrame, Verdict};
+use super::engine::{FrameEngine, Located};
+use super::flusher::TxFlusher;
+use super::ledger::FrameLedger;
 use super::umem::UmemArea;
 use crate::core::{Batch, Counter, Ticket};
 use crate::spec::{PollMode, ZeroCopy};
-use crate::stats::{DropReason, WorkerStats, XskLive, XskStats};
+use crate::stats::{WorkerStats, XskLive, XskStats};
 use crate::sys;
 
 /// Sizes and behaviour of one AF_XDP socket.
@@ -152,27 +156,33 @@ pub struct Started {
     pub zero_copy: bool,
 }
 
-/// Runs one AF_XDP worker until `stop`. Sends `Started` (or the start-up error) once the socket is bound.
-#[allow(clippy::too_many_arguments)]
+/// Everything one worker needs, handed to its thread.
+pub struct WorkerContext {
+    pub params: SocketParams,
+    pub queue: u32,
+    pub engine: FrameEngine,
+    pub stats: Arc<WorkerStats>,
+    pub counter: Arc<dyn Counter>,
+    pub stop: Arc<AtomicBool>,
+    /// Where the worker publishes its XDP_STATISTICS for the endpoints.
+    pub live: Arc<XskLive>,
+}
+
+/// Runs one AF_XDP worker until `stop`. Sends `Started` (or the start-up error) once the socket is
+/// bound; returns the socket's final XDP_STATISTICS.
 pub fn run(
-    params: SocketParams,
-    queue: u32,
-    listeners: Arc<Listeners>,
-    stats: Arc<WorkerStats>,
-    counter: Arc<dyn Counter>,
-    stop: Arc<AtomicBool>,
+    ctx: WorkerContext,
     started: std::sync::mpsc::Sender<Result<Started>>,
-    live: Arc<XskLive>,
 ) -> Result<XskStats> {
-    let opened = open_with_fallback(&params, queue).and_then(|rings| {
-        if let Some(usecs) = params.busy_poll_usecs {
-            sys::set_busy_poll(rings.rx.as_raw_fd(), usecs, params.busy_poll_budget)
+    let opened = open_with_fallback(&ctx.params, ctx.queue).and_then(|rings| {
+        if let Some(usecs) = ctx.params.busy_poll_usecs {
+            sys::set_busy_poll(rings.rx.as_raw_fd(), usecs, ctx.params.busy_poll_budget)
                 .context("cannot enable busy polling on the AF_XDP socket")?;
         }
         Ok(rings)
     });
     // Start-up waits for this message: every failure before it says why.
-    let mut rings = match opened {
+    let rings = match opened {
         Ok(r) => r,
         Err(e) => {
             let message = format!("{e:#}");
@@ -180,159 +190,211 @@ pub fn run(
             return Err(anyhow!(message));
         }
     };
-    let fd = rings.rx.as_raw_fd();
     let _ = started.send(Ok(Started {
-        fd,
+        fd: rings.rx.as_raw_fd(),
         zero_copy: rings.zero_copy,
     }));
+    let mut worker = Worker::new(ctx, rings);
+    worker.serve();
+    let xdp = worker.rings.user.statistics_v2().map_err(errno);
+    Ok(xsk_stats(&xdp.context("XDP_STATISTICS")?))
+}
 
-    let frame_size = params.frame_size as u64;
-    // Every frame is in exactly one place: the free list, the fill ring, the RX ring, the TX ring or
-    // the completion ring. Start with as many on the fill ring as it takes.
-    let mut free: Vec<u64> = (0..params.frame_count as u64)
-        .map(|i| i * frame_size)
-        .collect();
-    let batch = params.batch.min(params.ring_size);
-    let mut descs: Vec<XdpDesc> = Vec::with_capacity(batch as usize);
-    let mut tickets: Vec<Ticket> = Vec::with_capacity(batch as usize);
-    let mut located: Vec<Option<UdpFrame>> = Vec::with_capacity(batch as usize);
-    let mut replies: Vec<XdpDesc> = Vec::with_capacity(batch as usize);
-    // Reply payload bytes per queued reply, so tx_bytes counts payloads as rx_bytes does.
-    let mut reply_payloads: Vec<u16> = Vec::with_capacity(batch as usize);
-    let spin = params.poll == PollMode::Spin;
-    let mut publish_due = Every::new(PUBLISH_INTERVAL);
+/// A running worker: its socket, its frames and the batch in hand. Every buffer is allocated here,
+/// once; a turn of the loop allocates nothing.
+struct Worker {
+    ctx: WorkerContext,
+    rings: Rings,
+    ledger: FrameLedger,
+    flusher: TxFlusher,
+    batch: u32,
+    spin: bool,
+    publish_due: Every,
+    /// The batch in hand: descriptors, then the core's verdict and the located frame for each.
+    descs: Vec<XdpDesc>,
+    admitted: Vec<(Ticket, Option<Located>)>,
+    replies: Vec<XdpDesc>,
+    /// Reply payload bytes per queued reply, so tx_bytes counts payloads as rx_bytes does.
+    reply_payloads: Vec<u16>,
+}
 
-    while !stop.load(Ordering::Relaxed) {
-        // On a wall-clock deadline, whatever the poll mode: XDP_STATISTICS for the endpoints.
-        if publish_due.check(Instant::now()) {
-            if let Ok(x) = rings.user.statistics_v2() {
-                publish(&live, &x);
-            }
-        }
-        // Completions: transmitted frames come back to the free list.
-        {
-            let mut reader = rings.device.complete(rings.device.available());
-            while let Some(addr) = reader.read() {
-                free.push(addr);
-            }
-            reader.release();
-        }
-        // Refill.
-        if !free.is_empty() {
-            let mut writer = rings.device.fill(free.len() as u32);
-            let n = writer.capacity() as usize;
-            let start = free.len() - n;
-            writer.insert(free[start..].iter().copied());
-            writer.commit();
-            drop(writer);
-            free.truncate(start);
-            if rings.device.needs_wakeup() {
-                rings.device.wake();
-            }
-        }
-
-        // Receive a batch.
-        descs.clear();
-        {
-            let mut reader = rings.rx.receive(batch);
-            while let Some(desc) = reader.read() {
-                descs.push(desc);
-            }
-            reader.release();
-        }
-        if descs.is_empty() {
-            if !spin {
-                sys::wait_readable(fd, POLL_INTERVAL.as_millis() as i32);
-            } else if rings.tx.needs_wakeup() && rings.tx.pending() > 0 {
-                rings.tx.wake();
-            }
-            continue;
-        }
-
-        // Verify and count with the shared core, one counter add for the batch.
-        let mut core_batch = Batch::new(&stats);
-        tickets.clear();
-        located.clear();
-        for desc in &descs {
-            let frame = rings.area.bytes_mut(desc.addr, desc.len);
-            let (ticket, loc) = admit_frame(&mut core_batch, frame, &listeners);
-            tickets.push(ticket);
-            located.push(loc);
-        }
-        let commit = core_batch.commit(&*counter);
-
-        // Replies in place, drops straight back to the free list.
-        replies.clear();
-        reply_payloads.clear();
-        for ((desc, ticket), loc) in descs.iter().zip(&tickets).zip(&located) {
-            let (Some(loc), true) = (loc, ticket.is_reply()) else {
-                free.push(desc.addr);
-                continue;
-            };
-            let frame = rings
-                .area
-                .bytes_mut(desc.addr, desc.len)
-                .expect("checked above");
-            let payload = &mut frame[loc.payload_offset..loc.payload_offset + loc.payload_len];
-            let reply_len = commit.write_reply_in_place(*ticket, payload);
-            let frame_len = loc.into_reply(frame, reply_len);
-            reply_payloads.push(reply_len as u16);
-            replies.push(XdpDesc {
-                addr: desc.addr,
-                len: frame_len as u32,
-                options: 0,
-            });
-        }
-        if !replies.is_empty() {
-            let sent = transmit(&mut rings, &replies, &mut free);
-            let bytes: u64 = reply_payloads[..sent].iter().map(|&n| u64::from(n)).sum();
-            stats.replies.add(sent as u64);
-            stats.tx_bytes.add(bytes);
-            if sent < replies.len() {
-                // The kernel took nothing for many kicks: count these replies lost, reuse frames.
-                stats.tx_errors.add((replies.len() - sent) as u64);
-                free.extend(replies[sent..].iter().map(|d| d.addr));
-            }
+impl Worker {
+    fn new(ctx: WorkerContext, rings: Rings) -> Worker {
+        let batch = ctx.params.batch.min(ctx.params.ring_size);
+        let capacity = batch as usize;
+        Worker {
+            ledger: FrameLedger::new(ctx.params.frame_count, ctx.params.frame_size),
+            flusher: TxFlusher::new(rings.zero_copy),
+            spin: ctx.params.poll == PollMode::Spin,
+            publish_due: Every::new(PUBLISH_INTERVAL),
+            descs: Vec::with_capacity(capacity),
+            admitted: Vec::with_capacity(capacity),
+            replies: Vec::with_capacity(capacity),
+            reply_payloads: Vec::with_capacity(capacity),
+            batch,
+            ctx,
+            rings,
         }
     }
 
-    let xdp = rings
-        .user
-        .statistics_v2()
-        .map_err(errno)
-        .context("XDP_STATISTICS")?;
-    Ok(xsk_stats(&xdp))
-}
+    fn serve(&mut self) {
+        while !self.ctx.stop.load(Ordering::Relaxed) {
+            // On a wall-clock deadline, whatever the poll mode: XDP_STATISTICS for the endpoints.
+            if self.publish_due.check(Instant::now()) {
+                if let Ok(x) = self.rings.user.statistics_v2() {
+                    self.ctx.live.publish(&xsk_stats(&x));
+                }
+            }
+            self.reap_completions();
+            self.refill();
+            if self.receive() == 0 {
+                self.idle();
+                continue;
+            }
+            self.answer_batch();
+            self.transmit();
+            // Debug builds (every test) check the frame accounting after each batch.
+            debug_assert!(
+                self.ledger.balanced(0),
+                "a frame was lost or duplicated: {:?}",
+                self.ledger.outcomes()
+            );
+        }
+    }
 
-/// Takes one RX descriptor to exactly one counted outcome: admitted to the core (answered or dropped
-/// by it), or rejected before it for a reason of its own. The frame is classified by the same rules
-/// as the steering program (`frame::classify`), so the worker drops for the reasons the program
-/// would; a frame the program would not have steered here is `malformed`. `frame` is None when the
-/// descriptor points outside the UMEM.
-fn admit_frame(
-    batch: &mut Batch,
-    frame: Option<&mut [u8]>,
-    listeners: &Listeners,
-) -> (Ticket, Option<UdpFrame>) {
-    let Some(frame) = frame else {
-        // A descriptor outside the UMEM: no bytes can be read, none are counted.
-        return (batch.reject(DropReason::BadDescriptor, 0), None);
-    };
-    // rx_bytes counts payload bytes on every datapath: what the frame holds of the UDP payload, none
-    // for a frame that is not a datagram for a listener.
-    match classify(frame, listeners) {
-        Verdict::Pass => (batch.reject(DropReason::Malformed, 0), None),
-        Verdict::Drop(reason) => {
-            let payload = UdpFrame::locate(frame).map_or(0, |udp| udp.payload_len);
-            (batch.reject(reason, payload), None)
+    /// Transmitted frames come back to the free list.
+    fn reap_completions(&mut self) {
+        let mut reader = self.rings.device.complete(self.rings.device.available());
+        while let Some(addr) = reader.read() {
+            self.ledger.completed(addr);
         }
-        Verdict::Request {
-            frame: udp,
-            protocol,
-        } => {
-            let payload = &frame[udp.payload_offset..udp.payload_offset + udp.payload_len];
-            (batch.admit(protocol, payload), Some(udp))
+        reader.release();
+    }
+
+    /// Hands every free frame the fill ring takes to the kernel.
+    fn refill(&mut self) {
+        if self.ledger.free_count() == 0 {
+            return;
         }
+        let mut writer = self.rings.device.fill(self.ledger.free_count() as u32);
+        let candidates = self.ledger.fill_candidates(writer.capacity() as usize);
+        let offered = candidates.len();
+        let inserted = writer.insert(candidates.iter().copied()) as usize;
+        writer.commit();
+        drop(writer);
+        self.ledger.filled(offered, inserted);
+        if self.rings.device.needs_wakeup() {
+            self.rings.device.wake();
+        }
+    }
+
+    /// Takes a batch from the RX ring; returns its size.
+    fn receive(&mut self) -> usize {
+        self.descs.clear();
+        let mut reader = self.rings.rx.receive(self.batch);
+        while let Some(desc) = reader.read() {
+            self.descs.push(desc);
+        }
+        reader.release();
+        self.ledger.received(self.descs.len());
+        self.descs.len()
+    }
+
+    /// Nothing received: a blocking worker sleeps until the socket is readable; a spinning one
+    /// kicks the TX ring if the kernel asked for it.
+    fn idle(&mut self) {
+        if !self.spin {
+            sys::wait_readable(self.rings.rx.as_raw_fd(), POLL_INTERVAL.as_millis() as i32);
+        } else if self
+            .flusher
+            .kick_when_idle(self.rings.tx.needs_wakeup(), self.rings.tx.pending())
+        {
+            self.rings.tx.wake();
+        }
+    }
+
+    /// Verifies and counts the batch with the shared core (one counter add), then turns every
+    /// answered frame into its reply in place; the rest go straight back to the free list.
+    fn answer_batch(&mut self) {
+        let mut core_batch = Batch::new(&self.ctx.stats);
+        self.admitted.clear();
+        for desc in &self.descs {
+            let frame = self.rings.area.bytes_mut(desc.addr, desc.len);
+            let admitted = self.ctx.engine.admit(&mut core_batch, frame.as_deref());
+            self.admitted.push(admitted);
+        }
+        let commit = core_batch.commit(&*self.ctx.counter);
+        self.replies.clear();
+        self.reply_payloads.clear();
+        for (desc, &(ticket, located)) in self.descs.iter().zip(&self.admitted) {
+            let reply = match self.rings.area.bytes_mut(desc.addr, desc.len) {
+                Some(frame) => FrameEngine::answer(&commit, ticket, located, frame),
+                None => None,
+            };
+            let Some(reply) = reply else {
+                self.ledger.recycle(desc.addr);
+                continue;
+            };
+            self.reply_payloads.push(reply.payload_len as u16);
+            self.replies.push(XdpDesc {
+                addr: desc.addr,
+                len: reply.frame_len as u32,
+                options: 0,
+            });
+        }
+    }
+
+    /// Puts the replies on the TX ring and kicks as the flusher says; replies a stuck ring never
+    /// takes count as `tx_errors` and their frames are reused.
+    fn transmit(&mut self) {
+        if self.replies.is_empty() {
+            return;
+        }
+        let sent = self.queue_replies();
+        let stats = &self.ctx.stats;
+        let bytes: u64 = self.reply_payloads[..sent]
+            .iter()
+            .map(|&n| u64::from(n))
+            .sum();
+        stats.replies.add(sent as u64);
+        stats.tx_bytes.add(bytes);
+        if sent < self.replies.len() {
+            stats.tx_errors.add((self.replies.len() - sent) as u64);
+            self.ledger
+                .tx_refused(self.replies[sent..].iter().map(|d| d.addr));
+        }
+        let kicks = self
+            .flusher
+            .kicks_after_batch(self.rings.tx.needs_wakeup(), self.rings.tx.pending());
+        for _ in 0..kicks {
+            if self.rings.tx.pending() == 0 {
+                break;
+            }
+            self.rings.tx.wake();
+        }
+    }
+
+    /// Writes the replies to the TX ring; while it is full, kicks and reaps completions as long as
+    /// the flusher allows. Returns how many went on the ring.
+    fn queue_replies(&mut self) -> usize {
+        self.flusher.start_batch();
+        let mut sent = 0;
+        while sent < self.replies.len() {
+            let mut writer = self.rings.tx.transmit((self.replies.len() - sent) as u32);
+            let n = writer.insert(self.replies[sent..].iter().copied()) as usize;
+            writer.commit();
+            drop(writer);
+            self.ledger.queued_for_tx(n);
+            sent += n;
+            if sent < self.replies.len() {
+                if !self.flusher.retry_full_ring() {
+                    break;
+                }
+                self.rings.tx.wake();
+                self.reap_completions();
+            }
+        }
+        sent
     }
 }
 
@@ -344,10 +406,6 @@ fn xsk_stats(x: &xdpilone::xdp::XdpStatisticsV2) -> XskStats {
         tx_invalid_descs: x.tx_invalid_descs,
         tx_ring_empty_descs: x.tx_ring_empty_descs,
     }
-}
-
-fn publish(live: &XskLive, x: &xdpilone::xdp::XdpStatisticsV2) {
-    live.publish(&xsk_stats(x));
 }
 
 /// How often a worker refreshes its XDP_STATISTICS for the endpoints. Each refresh is one
@@ -381,120 +439,12 @@ impl Every {
     }
 }
 
-/// Copy-mode sockets transmit at most this many descriptors per kick (the kernel's TX_BATCH_SIZE).
-const COPY_MODE_TX_PER_KICK: u32 = 32;
-/// Kicks to try while the TX ring stays full before counting replies as lost.
-const MAX_FULL_RING_KICKS: u32 = 64;
-
-/// Puts replies on the TX ring and kicks the kernel when need_wakeup asks. In copy mode a kick sends
-/// at most 32 frames, so kick until the ring is drained; when the ring is full, reap completions and
-/// kick until there is room. Returns how many replies went on the ring.
-fn transmit(rings: &mut Rings, replies: &[XdpDesc], free: &mut Vec<u64>) -> usize {
-    let mut sent = 0;
-    let mut full_kicks = 0;
-    while sent < replies.len() {
-        let mut writer = rings.tx.transmit((replies.len() - sent) as u32);
-        let n = writer.insert(replies[sent..].iter().copied()) as usize;
-        writer.commit();
-        drop(writer);
-        sent += n;
-        if sent < replies.len() {
-            if full_kicks == MAX_FULL_RING_KICKS {
-                break;
-            }
-            full_kicks += 1;
-            rings.tx.wake();
-            let mut reader = rings.device.complete(rings.device.available());
-            while let Some(addr) = reader.read() {
-                free.push(addr);
-            }
-            reader.release();
-        }
-    }
-    if rings.tx.needs_wakeup() {
-        if rings.zero_copy {
-            rings.tx.wake();
-        } else {
-            // Copy mode transmits synchronously inside the kick: repeat until the ring is empty.
-            let kicks = rings.tx.pending().div_ceil(COPY_MODE_TX_PER_KICK) + 1;
-            for _ in 0..kicks {
-                if rings.tx.pending() == 0 {
-                    break;
-                }
-                rings.tx.wake();
-            }
-        }
-    }
-    sent
-}
-
 /// How long a blocking worker sleeps in poll() before looking at the stop flag.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 #[cfg(test)]
 mod test {
     use super::*;
-    use crate::core::Protocol;
-    use crate::wire::CounterRepr;
-    use etherparse::PacketBuilder;
-
-    fn udp_frame(source_port: u16, payload: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
-            .ipv4([198, 18, 0, 2], [198, 18, 0, 1], 64)
-            .udp(source_port, 7777)
-            .write(&mut out, payload)
-            .unwrap();
-        out
-    }
-
-    #[test]
-    fn every_descriptor_ends_in_exactly_one_counted_outcome() {
-        let listeners = Listeners::new(&[("198.18.0.1:7777".parse().unwrap(), Protocol::Counter)]);
-        let valid = CounterRepr { value: 4 }.to_bytes();
-        let mut tcp = Vec::new();
-        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
-            .ipv4([198, 18, 0, 2], [198, 18, 0, 1], 64)
-            .tcp(40000, 7777, 1, 1000)
-            .write(&mut tcp, &valid)
-            .unwrap();
-        let mut cases: Vec<(Option<Vec<u8>>, Option<DropReason>)> = vec![
-            (Some(udp_frame(40000, &valid)), None),
-            (None, Some(DropReason::BadDescriptor)),
-            (Some(tcp), Some(DropReason::Malformed)),
-            (Some(vec![0u8; 10]), Some(DropReason::Malformed)),
-            (Some(udp_frame(0, &valid)), Some(DropReason::ZeroSourcePort)),
-            (
-                Some(udp_frame(40000, &valid[..15])),
-                Some(DropReason::WrongLength),
-            ),
-            (
-                Some(udp_frame(40000, b"aaaaaaaaaaaaaaaa")),
-                Some(DropReason::BadHash),
-            ),
-        ];
-        let stats = WorkerStats::default();
-        let mut batch = Batch::new(&stats);
-        for (i, (frame, expected)) in cases.iter_mut().enumerate() {
-            let before = stats.snapshot();
-            let (ticket, located) = admit_frame(&mut batch, frame.as_deref_mut(), &listeners);
-            let after = stats.snapshot();
-            assert_eq!(after.requests, before.requests + 1, "case {i}: one request");
-            assert_eq!(
-                after.total_drops() - before.total_drops(),
-                u64::from(expected.is_some()),
-                "case {i}: at most one drop"
-            );
-            match expected {
-                Some(reason) => {
-                    assert_eq!(ticket, Ticket::Drop(*reason), "case {i}");
-                    assert_eq!(after.drops(*reason), before.drops(*reason) + 1, "case {i}");
-                    assert!(!ticket.is_reply(), "case {i}: a drop is never answered");
-                }
-                None => assert!(ticket.is_reply() && located.is_some(), "case {i}"),
-            }
-        }
-    }
 
     #[test]
     fn every_is_due_at_once_then_once_per_interval() {

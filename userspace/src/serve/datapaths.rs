@@ -11,7 +11,7 @@ use anyhow::Result;
 
 use super::config::Config;
 use super::report::Report;
-use crate::afxdp::{self, AfXdpDatapath};
+use crate::afxdp::{self, AfXdpDatapath, AfxdpPlan};
 use crate::core::{Counter, LocalCounter};
 use crate::kernel::{self, KernelWorker};
 use crate::spec::ListenSpec;
@@ -76,16 +76,15 @@ impl Datapaths {
             return Ok(Bypass::None);
         };
         if let Some(afxdp) = &bypass.afxdp {
-            let datapath = afxdp::start(
-                &config.socket_params(bypass, afxdp),
-                &bypass.udp_listeners,
-                &afxdp.queues,
-                &config.cpus,
-                bypass.xdp_mode,
-                bypass.force,
-                self.counter.clone(),
-                self.stop.clone(),
-            )?;
+            let plan = AfxdpPlan {
+                params: &config.socket_params(bypass, afxdp),
+                listeners: &bypass.udp_listeners,
+                queues: &afxdp.queues,
+                cpus: &config.cpus,
+                xdp_mode: bypass.xdp_mode,
+                force: bypass.force,
+            };
+            let datapath = afxdp::start(&plan, self.counter.clone(), self.stop.clone())?;
             return Ok(Bypass::Afxdp(datapath));
         }
         let mut program =
