@@ -57,7 +57,8 @@ fn errno(e: xdpilone::Errno) -> std::io::Error {
     std::io::Error::from_raw_os_error(e.get_raw().abs())
 }
 
-fn open(params: &SocketParams, queue: u32, zero_copy: bool) -> Result<Rings> {
+/// The UMEM: `frame_count` frames, registered with the kernel.
+fn create_umem(params: &SocketParams) -> Result<UmemArea> {
     let config = UmemConfig {
         fill_size: params.ring_size,
         complete_size: params.ring_size,
@@ -65,13 +66,18 @@ fn open(params: &SocketParams, queue: u32, zero_copy: bool) -> Result<Rings> {
         headroom: 0,
         flags: 0,
     };
-    let area = UmemArea::new(config, params.frame_count, params.huge_pages).map_err(|e| {
+    UmemArea::new(config, params.frame_count, params.huge_pages).map_err(|e| {
         if e.raw_os_error() == Some(libc::ENOBUFS) || e.raw_os_error() == Some(libc::EPERM) {
             anyhow!(e).context("cannot register the UMEM: it needs root or CAP_IPC_LOCK (locked memory), or a smaller --frame-count")
         } else {
             anyhow!(e).context("cannot create the UMEM")
         }
-    })?;
+    })
+}
+
+/// Opens a socket on `queue` with its own UMEM and maps its four rings.
+fn open(params: &SocketParams, queue: u32, zero_copy: bool) -> Result<Rings> {
+    let area = create_umem(params)?;
     let mut info = IfInfo::invalid();
     let name = CString::new(params.iface.as_str())?;
     info.from_name(&name)
