@@ -26,7 +26,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 . "$ROOT/bench/lib.sh"
 require_root bench/http.sh
-install_missing wrk:wrk nginx:nginx-light python3:python3 clang:clang /usr/include/bpf/bpf_helpers.h:libbpf-dev
+install_group http
 require_cargo bench/http.sh
 cargo build --release --quiet -p ricochet
 RICOCHET="$ROOT/target/release/ricochet"
@@ -97,11 +97,10 @@ for path in /healthz /counter; do
 done
 
 # Memory of idle keep-alive connections: RSS of the serving process before and after.
-rss() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 for server in ricochet nginx; do
     port=$PORT_R; pid=$RPID
     [ $server = nginx ] && { port=$PORT_N; pid=$NWORKER; }
-    before=$(rss "$pid")
+    before=$(rss_kib "$pid")
     echo "$RICOCHET bench tcp://127.0.0.1:$port --connections $IDLE --hold 600s --sources 127.0.0.2,127.0.0.3" >>"$COMMANDS"
     "$RICOCHET" bench "tcp://127.0.0.1:$port" --connections "$IDLE" --hold 600s --sources 127.0.0.2,127.0.0.3 >/dev/null 2>&1 &
     hold=$!
@@ -111,7 +110,7 @@ for server in ricochet nginx; do
         sleep 0.1
     done
     sleep 1
-    after=$(rss "$pid")
+    after=$(rss_kib "$pid")
     kill "$hold"; wait "$hold" 2>/dev/null || true
     echo "{\"server\": \"$server\", \"connections\": $n, \"rss_kib_before\": $before, \"rss_kib_after\": $after}" >"$RUNS/idle-$server.json"
     sleep 1

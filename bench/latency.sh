@@ -32,7 +32,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 . "$ROOT/bench/lib.sh"
 require_root bench/latency.sh
-install_missing sockperf:sockperf taskset:util-linux ip:iproute2 clang:clang /usr/include/bpf/bpf_helpers.h:libbpf-dev ethtool:ethtool
+install_group latency
 require_cargo bench/latency.sh
 
 echo "== building ricochet (release)"
@@ -68,25 +68,20 @@ cleanup() {
 trap cleanup EXIT
 trap 'echo "interrupted" >&2; exit 130' INT TERM
 
-log() { echo "$*" >>"$COMMANDS"; }
 record() { # record KIND MODE FILE
     echo "{\"kind\":\"$1\",\"mode\":\"$2\",\"file\":\"$3\",\"round\":$round}" >>"$INDEX"
 }
 
 echo "== lab up (one queue)"
-log "cargo xtask lab up --queues 1"
+log_cmd "cargo xtask lab up --queues 1"
 cargo xtask lab up --queues 1 >/dev/null
 
 start_server() { # start_server NAME ARGS...
     local name="$1"; shift
-    log "ip netns exec $SRV $*"
+    log_cmd "ip netns exec $SRV $*"
     ip netns exec "$SRV" "$@" >"$RUNS/$name.server.txt" 2>&1 &
     SERVER_PID=$!
-    for _ in $(seq 100); do
-        if grep -q '^ready ' "$RUNS/$name.server.txt" 2>/dev/null; then return 0; fi
-        if ! kill -0 "$SERVER_PID" 2>/dev/null; then break; fi
-        sleep 0.05
-    done
+    wait_ready "$SERVER_PID" "$RUNS/$name.server.txt" && return 0
     # sockperf's server prints no ready line: give it a moment.
     kill -0 "$SERVER_PID" 2>/dev/null && { sleep 0.5; return 0; }
     echo "the server did not start:" >&2
@@ -94,20 +89,14 @@ start_server() { # start_server NAME ARGS...
     exit 1
 }
 
-stop_server() {
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-    SERVER_PID=""
-}
-
 bench() { # bench NAME SPEC ARGS...
     local name="$1" spec="$2"; shift 2
-    log "ip netns exec $CLI $RICOCHET bench $spec $* --cpus $CLIENT_CPU --json --hgrm $name.hgrm"
+    log_cmd "ip netns exec $CLI $RICOCHET bench $spec $* --cpus $CLIENT_CPU --json --hgrm $name.hgrm"
     ip netns exec "$CLI" "$RICOCHET" bench "$spec" "$@" --cpus "$CLIENT_CPU" --json --hgrm "$RUNS/$name.hgrm" >"$RUNS/$name.json"
 }
 
 sockperf_client() { # sockperf_client NAME
-    log "ip netns exec $CLI taskset -c $CLIENT_CPU sockperf ping-pong --full-rtt -i $ADDR -p 11111 -t $DURATION"
+    log_cmd "ip netns exec $CLI taskset -c $CLIENT_CPU sockperf ping-pong --full-rtt -i $ADDR -p 11111 -t $DURATION"
     ip netns exec "$CLI" taskset -c "$CLIENT_CPU" sockperf ping-pong --full-rtt -i "$ADDR" -p 11111 -t "$DURATION" >"$RUNS/$1.txt" 2>&1
 }
 

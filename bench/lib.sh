@@ -27,6 +27,15 @@ install_missing() {
     fi
 }
 
+# install_group GROUP: install_missing for every tool of GROUP in .ci/packages, the project's one
+# list of system packages.
+install_group() {
+    local list
+    list="$(dirname "${BASH_SOURCE[0]}")/../.ci/packages"
+    # shellcheck disable=SC2046
+    install_missing $(awk -v g="$1" '!/^#/ && NF >= 3 { for (i = 3; i <= NF; i++) if ($i == g) print $1 ":" $2 }' "$list")
+}
+
 # require_cargo SCRIPT: sudo often drops the user's PATH.
 require_cargo() {
     if ! command -v cargo >/dev/null 2>&1; then
@@ -34,3 +43,27 @@ require_cargo() {
         exit 1
     fi
 }
+
+# log_cmd WORDS...: appends a command line to $COMMANDS, the run's commands.txt.
+log_cmd() { echo "$*" >>"$COMMANDS"; }
+
+# wait_ready PID FILE: waits up to 5 s for a `ready` line in FILE (ricochet serve's start-up output);
+# fails at once if PID dies first.
+wait_ready() {
+    for _ in $(seq 100); do
+        grep -q '^ready ' "$2" 2>/dev/null && return 0
+        kill -0 "$1" 2>/dev/null || return 1
+        sleep 0.05
+    done
+    return 1
+}
+
+# stop_server: stops the background server in $SERVER_PID (SIGTERM, so ricochet prints its report).
+stop_server() {
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=""
+}
+
+# rss_kib PID: the resident set size of a process, in KiB.
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }

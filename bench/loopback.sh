@@ -42,7 +42,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 . "$ROOT/bench/lib.sh"
 require_root bench/loopback.sh
-install_missing sockperf:sockperf python3:python3 taskset:util-linux ss:iproute2 clang:clang /usr/include/bpf/bpf_helpers.h:libbpf-dev
+install_group loopback
 require_cargo bench/loopback.sh
 
 echo "== building ricochet (release)"
@@ -83,8 +83,6 @@ record() { # record KIND FILE key=value...
     echo "{$fields}" >>"$INDEX"
 }
 
-log_cmd() { echo "$*" >>"$COMMANDS"; }
-
 # Starts ricochet serve in the background; sets SERVER_PID and waits until it is ready.
 start_ricochet() { # start_ricochet NAME ARGS...
     local name="$1"; shift
@@ -92,19 +90,10 @@ start_ricochet() { # start_ricochet NAME ARGS...
     "$RICOCHET" serve "$@" >"$RUNS/$name.serve.txt" 2>&1 &
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")
-    for _ in $(seq 100); do
-        grep -q '^ready ' "$RUNS/$name.serve.txt" 2>/dev/null && return 0
-        kill -0 "$SERVER_PID" 2>/dev/null || break
-        sleep 0.05
-    done
+    wait_ready "$SERVER_PID" "$RUNS/$name.serve.txt" && return 0
     echo "ricochet serve did not start:" >&2
     cat "$RUNS/$name.serve.txt" >&2
     exit 1
-}
-
-stop_server() {
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
 }
 
 start_sockperf_server() { # start_sockperf_server NAME PORT EXTRA...
@@ -197,7 +186,6 @@ fi
 port=$((port + 1))
 sources="127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5,127.0.0.6,127.0.0.7,127.0.0.8,127.0.0.9"
 kernel_kib() { awk '/^Slab:/ {print $2}' /proc/meminfo; }
-rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 start_ricochet "ricochet-idle" --listen "tcp://127.0.0.1:$port" --cpus "$SERVER_CPU"
 sync; echo 2 >/proc/sys/vm/drop_caches 2>/dev/null || true
 sleep 0.5

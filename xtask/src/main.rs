@@ -5,6 +5,8 @@
 //!
 //! xtask deliberately does not depend on the ricochet crate: ricochet's build script needs clang,
 //! which `cargo xtask test` may first have to install.
+// Unsafe code is allowed only in `run` (signal handling), each block with a SAFETY comment.
+#![deny(unsafe_code)]
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -13,23 +15,9 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context, Result};
 
 mod fuzz;
+mod packages;
 mod report;
 mod run;
-
-/// System tools the test suite runs, with the Debian package that provides each.
-/// A tool is a command on PATH or, for headers, an absolute path.
-const TEST_TOOLS: &[(&str, &str)] = &[
-    ("sockperf", "sockperf"),
-    ("ip", "iproute2"),
-    ("clang", "clang"),
-    ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
-    ("ethtool", "ethtool"),
-    ("ping", "iputils-ping"),
-    ("chromium", "chromium"),
-    ("chromedriver", "chromium-driver"),
-    ("nft", "nftables"),
-    ("tcpdump", "tcpdump"),
-];
 
 const USAGE: &str = "usage: cargo xtask <task>
 
@@ -141,7 +129,7 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn test(extra: &[String]) -> Result<()> {
-    ensure_tools(TEST_TOOLS)?;
+    ensure_tools(&packages::group("test"))?;
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // xtask's lab test drives target/debug/ricochet, which `cargo test` builds only when the ricochet
     // package is among the selected ones: build it first, whatever ARGS select.
@@ -227,7 +215,7 @@ fn lab_up(queues: u32) -> Result<()> {
     if !is_root() {
         bail!("the lab needs root (network namespaces): run 'sudo cargo xtask lab up'");
     }
-    ensure_tools(&[("ip", "iproute2")])?;
+    ensure_tools(&packages::group("lab"))?;
     let current = (ns_exists(SERVER_NS) && ns_exists(CLIENT_NS))
         .then(|| queues_of(SERVER_NS, SERVER_IF))
         .flatten();
@@ -295,10 +283,7 @@ tear down:
 /// XDP_TX frames sent into a veth reach the peer only when the peer has an XDP program: attach an
 /// XDP_PASS program to the client side (compiled here from ebpf/pass.bpf.c).
 fn attach_client_pass() -> Result<()> {
-    ensure_tools(&[
-        ("clang", "clang"),
-        ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
-    ])?;
+    ensure_tools(&packages::group("lab"))?;
     let root = workspace_root();
     let out_dir = root.join("target/xtask-ebpf");
     std::fs::create_dir_all(&out_dir)?;

@@ -2,6 +2,7 @@
 //! prerequisites, build, apply the profile, run `ricochet serve` on the interface with listeners on its
 //! address and the HTTP endpoints on loopback; Ctrl-C stops it. The profile is reverted however
 //! ricochet ends: stopped, exited on its own, or unable to start.
+// The one module of xtask allowed unsafe code (main.rs denies it): signals and kill(2).
 #![allow(unsafe_code)]
 
 use std::path::{Path, PathBuf};
@@ -133,12 +134,7 @@ fn check_prerequisites(r: &RunArgs) -> Result<(String, String)> {
             r.iface
         );
     }
-    ensure_tools(&[
-        ("clang", "clang"),
-        ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
-        ("ethtool", "ethtool"),
-        ("ip", "iproute2"),
-    ])?;
+    ensure_tools(&crate::packages::group("run"))?;
     if !Path::new("/sys/class/net").join(&r.iface).exists() {
         bail!("no interface named '{}': list them with 'ip link'", r.iface);
     }

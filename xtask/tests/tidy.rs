@@ -92,3 +92,40 @@ fn every_script_the_readme_runs_is_executable_in_git() {
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// The system packages live in one list, `.ci/packages`: CI, xtask and the bench scripts read it and
+/// never name a package themselves, so the list cannot drift from what is installed.
+#[test]
+fn system_packages_are_listed_once() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let list = std::fs::read_to_string(root.join(".ci/packages")).unwrap();
+    let packages: Vec<&str> = list
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert!(packages.contains(&"sockperf") && packages.contains(&"libbpf-dev"));
+    let ci = std::fs::read_to_string(root.join(".ci/run")).unwrap();
+    assert!(
+        ci.contains(".ci/packages"),
+        ".ci/run must install from .ci/packages"
+    );
+    for script in ["bench/latency.sh", "bench/loopback.sh", "bench/http.sh"] {
+        let text = std::fs::read_to_string(root.join(script)).unwrap();
+        assert!(
+            text.contains("install_group "),
+            "{script} must install through install_group"
+        );
+        assert!(
+            !text.contains("install_missing "),
+            "{script} names packages itself"
+        );
+    }
+    let main = std::fs::read_to_string(root.join("xtask/src/main.rs")).unwrap();
+    for package in ["\"iproute2\"", "\"libbpf-dev\"", "\"sockperf\""] {
+        assert!(
+            !main.contains(package),
+            "xtask/src/main.rs names {package} itself"
+        );
+    }
+}
