@@ -26,7 +26,7 @@ use crate::stats::{WorkerStats, XskLive, XskStats};
 use crate::sys;
 
 /// Sizes and behaviour of one AF_XDP socket.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct SocketParams {
     pub iface: String,
     pub frame_size: u32,

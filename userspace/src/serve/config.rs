@@ -14,7 +14,7 @@ use crate::core::Protocol;
 use crate::http::HttpListen;
 use crate::iface;
 use crate::kernel::{Scheduling, WorkerConfig};
-use crate::spec::{CpuId, CpuList, ListenSpec, PollMode, Transport, XdpAttachMode, ZeroCopy};
+use crate::spec::{CpuId, CpuList, ListenSpec, PollMode, Transport, XdpAttachMode};
 use crate::sys;
 
 /// Everything `serve` needs, resolved and checked before anything starts.
@@ -51,15 +51,8 @@ pub struct BypassConfig {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AfxdpConfig {
     pub queues: Vec<u32>,
-    pub poll: PollMode,
-    pub frame_size: u32,
-    pub frame_count: u32,
-    pub ring_size: u32,
-    pub zero_copy: ZeroCopy,
-    pub huge_pages: bool,
-    pub busy_poll_usecs: Option<u32>,
-    pub busy_poll_budget: Option<u32>,
-    pub batch: u32,
+    /// Every queue's socket is made alike.
+    pub socket: SocketParams,
 }
 
 /// The HTTP endpoints. The token is never serialised.
@@ -101,7 +94,7 @@ impl Config {
         let cpus = CpuList::resolve(args.cpus.as_ref(), &allowed).map_err(anyhow::Error::msg)?;
         let placement = Placement::plan(args.mode, &cpus, &allowed, args.sched_fifo);
         let http = resolve_http(&args, &cpus, &placement)?;
-        let bypass = resolve_bypass(&args)?;
+        let bypass = resolve_bypass(&args, placement.afxdp_fifo)?;
         Ok(Config {
             mode: args.mode,
             kernel: WorkerConfig {
@@ -122,23 +115,6 @@ impl Config {
             mlock: args.mlock,
             profile: args.profile,
         })
-    }
-
-    /// The AF_XDP socket parameters for one queue's worker.
-    pub fn socket_params(&self, bypass: &BypassConfig, afxdp: &AfxdpConfig) -> SocketParams {
-        SocketParams {
-            iface: bypass.iface.clone(),
-            frame_size: afxdp.frame_size,
-            frame_count: afxdp.frame_count,
-            ring_size: afxdp.ring_size,
-            zero_copy: afxdp.zero_copy,
-            huge_pages: afxdp.huge_pages,
-            busy_poll_usecs: afxdp.busy_poll_usecs,
-            busy_poll_budget: afxdp.busy_poll_budget,
-            poll: afxdp.poll,
-            batch: afxdp.batch,
-            fifo_priority: self.placement.afxdp_fifo,
-        }
     }
 }
 
@@ -176,7 +152,7 @@ fn resolve_http(
 }
 
 /// The interface and XDP settings of the bypass modes; None in kernel mode.
-fn resolve_bypass(args: &ServeArgs) -> Result<Option<BypassConfig>> {
+fn resolve_bypass(args: &ServeArgs, afxdp_fifo: Option<i32>) -> Result<Option<BypassConfig>> {
     let mode = args.mode;
     let iface = match (mode, &args.iface) {
         (Mode::Kernel, None) => return Ok(None),
@@ -204,7 +180,7 @@ fn resolve_bypass(args: &ServeArgs) -> Result<Option<BypassConfig>> {
     let n_queues = iface::rx_queue_count(&iface)?;
     iface::check_listener_addresses(&iface, udp_listeners.iter().map(|(addr, _)| *addr))?;
     let afxdp = match mode {
-        Mode::Afxdp => Some(resolve_afxdp(args, &iface, n_queues)?),
+        Mode::Afxdp => Some(resolve_afxdp(args, &iface, n_queues, afxdp_fifo)?),
         _ => None,
     };
     Ok(Some(BypassConfig {
@@ -217,7 +193,13 @@ fn resolve_bypass(args: &ServeArgs) -> Result<Option<BypassConfig>> {
 }
 
 /// The AF_XDP queues and socket sizes; `--queues` is checked against the interface's `n_queues`.
-fn resolve_afxdp(args: &ServeArgs, iface: &str, n_queues: u32) -> Result<AfxdpConfig> {
+/// The workers run under SCHED_FIFO at `fifo_priority` when asked (see [`Placement`]).
+fn resolve_afxdp(
+    args: &ServeArgs,
+    iface: &str,
+    n_queues: u32,
+    fifo_priority: Option<i32>,
+) -> Result<AfxdpConfig> {
     let queues: Vec<u32> = match &args.queues {
         Some(list) => list.0.iter().map(|q| q.0 as u32).collect(),
         None => (0..n_queues).collect(),
@@ -228,8 +210,8 @@ fn resolve_afxdp(args: &ServeArgs, iface: &str, n_queues: u32) -> Result<AfxdpCo
             n_queues.saturating_sub(1)
         );
     }
-    Ok(AfxdpConfig {
-        queues,
+    let socket = SocketParams {
+        iface: iface.to_string(),
         // AF_XDP workers spin unless told otherwise: that is what the mode is for.
         poll: args.poll.unwrap_or(PollMode::Spin),
         frame_size: args.frame_size.unwrap_or(2048),
@@ -240,7 +222,9 @@ fn resolve_afxdp(args: &ServeArgs, iface: &str, n_queues: u32) -> Result<AfxdpCo
         busy_poll_usecs: args.busy_poll,
         busy_poll_budget: args.busy_poll_budget,
         batch: u32::from(args.batch),
-    })
+        fifo_priority,
+    };
+    Ok(AfxdpConfig { queues, socket })
 }
 
 /// Where each kind of worker runs and which ones run under SCHED_FIFO.

@@ -77,7 +77,7 @@ impl Datapaths {
         };
         if let Some(afxdp) = &bypass.afxdp {
             let plan = AfxdpPlan {
-                params: &config.socket_params(bypass, afxdp),
+                params: &afxdp.socket,
                 listeners: &bypass.udp_listeners,
                 queues: &afxdp.queues,
                 cpus: &config.cpus,

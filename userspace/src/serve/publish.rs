@@ -53,7 +53,7 @@ impl StartedAs {
         let xdp_asked = asked.map_or(XdpAttachMode::Auto, |b| b.xdp_mode);
         let zero_copy_asked = asked
             .and_then(|b| b.afxdp.as_ref())
-            .map_or(ZeroCopy::Auto, |a| a.zero_copy);
+            .map_or(ZeroCopy::Auto, |a| a.socket.zero_copy);
         let (xdp_mode, zero_copy) = match &paths.bypass {
             Bypass::None => (None, None),
             Bypass::Afxdp(dp) => (Some(dp.attached), Some(dp.zero_copy)),
@@ -68,7 +68,7 @@ impl StartedAs {
         }
         StartedAs {
             kernel_poll: config.kernel.poll,
-            afxdp_poll: asked.and_then(|b| b.afxdp.as_ref()).map(|a| a.poll),
+            afxdp_poll: asked.and_then(|b| b.afxdp.as_ref()).map(|a| a.socket.poll),
             xdp_mode,
             zero_copy,
             fallbacks,

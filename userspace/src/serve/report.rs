@@ -108,7 +108,7 @@ pub fn ready_text(config: &Config, paths: &Datapaths, http: Option<&HttpServer>)
                 .iter()
                 .map(|w| format!("{}@cpu{}", w.queue, w.cpu))
                 .collect();
-            let poll = config.bypass.as_ref().and_then(|b| b.afxdp.as_ref()).map(|a| a.poll);
+            let poll = config.bypass.as_ref().and_then(|b| b.afxdp.as_ref()).map(|a| a.socket.poll);
             writeln!(
                 text,
                 "ready mode=afxdp iface={iface} xdp={} zero_copy={} queues={} poll={} kernel_workers={kernel_workers} kernel_cpus={} kernel_poll={}",
