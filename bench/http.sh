@@ -57,9 +57,12 @@ echo "$RICOCHET serve --listen udp://127.0.0.1:0 --cpus $CLIENT_CPU --http 127.0
 RPID=$!
 PIDS+=("$RPID")
 
+# nginx's CPU mask in binary: a 1 followed by SERVER_CPU zeros.
+AFFINITY=1
+for ((i = 0; i < SERVER_CPU; i++)); do AFFINITY="${AFFINITY}0"; done
 cat >"$NGINX_DIR/nginx.conf" <<EOF
 worker_processes 1;
-worker_cpu_affinity $(python3 -c "print(format(1 << $SERVER_CPU, 'b'))");
+worker_cpu_affinity $AFFINITY;
 pid $NGINX_DIR/nginx.pid;
 error_log $NGINX_DIR/error.log;
 daemon off;
@@ -116,4 +119,4 @@ for server in ricochet nginx; do
     sleep 1
 done
 
-python3 "$ROOT/bench/http_report.py" "$RUNS" "$OUT/http.md"
+cargo xtask report http "$RUNS" "$OUT/http.md"

@@ -219,4 +219,4 @@ EOF
 record idle idle.json
 
 echo "== report"
-python3 "$ROOT/bench/loopback_report.py" "$OUT"
+cargo xtask report loopback "$OUT"

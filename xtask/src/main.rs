@@ -17,6 +17,8 @@ use anyhow::{bail, Context, Result};
 mod fuzz;
 mod packages;
 mod report;
+mod report_http;
+mod report_loopback;
 mod run;
 
 const USAGE: &str = "usage: cargo xtask <task>
@@ -35,7 +37,21 @@ tasks:
   fuzz [--seconds N] [TARGET...]
                         build the cargo-fuzz targets in fuzz/ and run each (default all) for N
                         seconds (default 30) from its seeds; fails naming every crashing input
-  report DIR            results.md and latency.svg from the runs bench/latency.sh recorded in DIR";
+  report DIR            results.md and latency.svg from the runs bench/latency.sh recorded in DIR
+  report loopback DIR   loopback.md from the runs bench/loopback.sh recorded in DIR
+  report http RUNS OUT  the HTTP table (OUT, markdown) from the runs bench/http.sh recorded in RUNS";
+
+/// `report DIR` (the main job), `report loopback DIR`, `report http RUNS OUT`.
+fn report_command(args: &[String]) -> anyhow::Result<()> {
+    match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["loopback", dir] => report_loopback::run(Path::new(dir)),
+        ["http", runs, out] => report_http::run(Path::new(runs), Path::new(out)),
+        [dir] if dir != "loopback" && dir != "http" => report::run(Path::new(dir)),
+        _ => Err(anyhow::anyhow!(
+            "usage: cargo xtask report RESULTS_DIR | report loopback DIR | report http RUNS OUT"
+        )),
+    }
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -44,10 +60,7 @@ fn main() -> ExitCode {
         Some("lab") => lab(&args[1..]),
         Some("run") => run::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
-        Some("report") => match args.get(1) {
-            Some(dir) => report::run(Path::new(dir)),
-            None => Err(anyhow::anyhow!("usage: cargo xtask report RESULTS_DIR")),
-        },
+        Some("report") => report_command(&args[1..]),
         Some("help" | "-h" | "--help") | None => {
             println!("{USAGE}");
             Ok(())

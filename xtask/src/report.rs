@@ -41,7 +41,9 @@ pub struct Run {
     pub invalid: u64,
 }
 
-fn bench_run(path: &Path) -> Result<Run> {
+/// A `ricochet bench --json` run. Requests not answered are `lost` (datagrams) plus `unanswered`
+/// (streams): both count as not answered.
+pub fn bench_run(path: &Path) -> Result<Run> {
     let v: serde_json::Value = serde_json::from_slice(
         &std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?,
     )?;
@@ -56,7 +58,7 @@ fn bench_run(path: &Path) -> Result<Run> {
         rps: v["throughput_rps"].as_f64().unwrap_or(0.0),
         sent: n("sent"),
         received: n("received"),
-        lost: n("lost"),
+        lost: n("lost") + n("unanswered"),
         invalid: n("invalid_replies"),
     })
 }
@@ -114,6 +116,32 @@ pub fn sockperf_run(text: &str) -> Result<Run> {
     })
 }
 
+/// The machine a report was measured on: kernel, CPU model, CPUs and the commit.
+pub fn machine() -> String {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown CPU", |(_, m)| m.trim());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let commit = if commit.is_empty() {
+        "unknown"
+    } else {
+        &commit
+    };
+    format!(
+        "Linux {}, {model}, {cpus} CPUs, commit {commit}",
+        release.trim()
+    )
+}
+
 /// Machine CPU per request in microseconds: (wall time x CPUs - idle time) / replies.
 fn cpu_per_request(dir: &Path, cpu_file: &str) -> Result<(f64, Run)> {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(cpu_file))?)?;
@@ -137,7 +165,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn median_run(runs: &[Run]) -> Run {
+/// Medians of the latencies and rates over rounds; counts are summed.
+pub fn median_run(runs: &[Run]) -> Run {
     let m = |f: fn(&Run) -> f64| median(runs.iter().map(f).collect());
     Run {
         p50: m(|r| r.p50),
