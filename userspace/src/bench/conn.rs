@@ -43,6 +43,7 @@ impl Conn {
     }
 }
 
+/// Opens `--connections` sockets or connections to the target, spread over `--sources`.
 pub(super) fn open_connections(args: &BenchArgs) -> Result<Vec<Conn>> {
     let mut conns = Vec::with_capacity(args.connections as usize);
     for i in 0..args.connections as usize {
@@ -83,7 +84,7 @@ pub(super) fn open_connections(args: &BenchArgs) -> Result<Vec<Conn>> {
 }
 
 /// A non-blocking UDP socket bound to `local` and connected to `target`.
-pub(super) fn udp_connect(local: SocketAddr, target: SocketAddr) -> io::Result<UdpSocket> {
+fn udp_connect(local: SocketAddr, target: SocketAddr) -> io::Result<UdpSocket> {
     let socket = UdpSocket::bind(local)?;
     socket.connect(target)?;
     socket.set_nonblocking(true)?;
@@ -95,7 +96,8 @@ pub(super) fn fresh_udp_socket(old: &UdpSocket) -> io::Result<UdpSocket> {
     udp_connect(SocketAddr::new(old.local_addr()?.ip(), 0), old.peer_addr()?)
 }
 
-pub(super) fn connect_tcp_from(source: IpAddr, target: SocketAddr) -> io::Result<TcpStream> {
+/// A TCP connection to `target` from the address `source`.
+fn connect_tcp_from(source: IpAddr, target: SocketAddr) -> io::Result<TcpStream> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(target),
         socket2::Type::STREAM,
@@ -112,6 +114,7 @@ pub(super) fn connect_tcp_from(source: IpAddr, target: SocketAddr) -> io::Result
     Ok(socket.into())
 }
 
+/// `--hold`: says how many connections are held, holds them idle for `hold`, then closes them.
 pub(super) fn hold_idle(conns: Vec<Conn>, hold: Duration, json: bool) -> Result<()> {
     let n = conns.len();
     if json {

@@ -9,15 +9,24 @@
 //! may still have applied it); a reply that comes after its request timed out is late: counted,
 //! never timed. `Pending` holds the matching policy and its one inexact case (counter replies,
 //! which carry no request id, over UDP at depth > 1).
+//!
+//! The parts, in the order a run uses them: `args` (flags) -> `plan` (what the run is asked to
+//! do) -> `conn` (opening the sockets) -> `client` (one thread's loop) over `flow`s (one
+//! connection each), with `pending` and `recorder` matching, verifying and counting replies
+//! without I/O -> `report` (summary, verdict, percentiles, hgrm). This file starts the threads and
+//! merges their results.
 
 mod args;
 mod client;
 mod conn;
+mod flow;
 mod pending;
+mod plan;
+mod recorder;
 mod report;
 
 use std::fs::File;
-use std::io::{self};
+use std::io::{self, IsTerminal};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,104 +34,19 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 
-use crate::core::Protocol;
-use crate::spec::{CpuId, CpuList, ListenSpec};
+use crate::spec::{CpuId, CpuList};
 use crate::sys;
-use crate::wire::FRAME_LEN;
 
 pub use args::BenchArgs;
 use client::run_thread;
 use conn::{hold_idle, open_connections, Conn};
+use plan::Plan;
+use recorder::ThreadResult;
 use report::print_text;
 pub use report::{new_histogram, write_hgrm, BenchReport, LatencySummary, ReportConfig};
 
-/// What a run is asked to do, shared by its threads.
-#[derive(Debug, Clone)]
-struct Plan {
-    target: ListenSpec,
-    /// Connections over all threads.
-    connections: usize,
-    depth: usize,
-    increment: u64,
-    message_size: usize,
-    timeout: Duration,
-    spin: bool,
-    warmup: Duration,
-    /// End of sending, measured from start, for duration runs.
-    send_for: Option<Duration>,
-    /// Requests per connection for count runs (after warm-up).
-    requests_per_conn: Option<Vec<u64>>,
-    /// Interval between requests of one connection in open loop.
-    interval: Option<Duration>,
-}
-
-impl Plan {
-    fn new(args: &BenchArgs, n_conns: usize) -> Result<Plan> {
-        let requests_per_conn = args.requests.map(|total| {
-            (0..n_conns as u64)
-                .map(|i| total / n_conns as u64 + u64::from(i < total % n_conns as u64))
-                .collect::<Vec<u64>>()
-        });
-        // The flags' ranges keep these sums far from overflowing (at most 8 days).
-        let send_for = match (args.duration, args.requests) {
-            (Some(d), _) => Some(args.warmup + d),
-            (None, Some(_)) => None,
-            (None, None) => Some(args.warmup + Duration::from_secs(10)),
-        };
-        let interval = match args.rate {
-            Some(rate) => Some(
-                Duration::try_from_secs_f64(n_conns as f64 / rate)
-                    .with_context(|| format!("--rate {rate} over {n_conns} connections"))?,
-            ),
-            None => None,
-        };
-        Ok(Plan {
-            target: args.target.clone(),
-            connections: n_conns,
-            depth: args.depth as usize,
-            increment: args.increment,
-            message_size: if args.target.protocol == Protocol::Counter {
-                FRAME_LEN
-            } else {
-                args.message_size as usize
-            },
-            timeout: args.timeout,
-            spin: args.spin,
-            warmup: args.warmup,
-            send_for,
-            requests_per_conn,
-            interval,
-        })
-    }
-}
-
-#[derive(Debug, Default)]
-struct ThreadResult {
-    sent: u64,
-    received: u64,
-    lost: u64,
-    unanswered: u64,
-    late: u64,
-    invalid: u64,
-    non_increasing: u64,
-    values: Vec<u64>,
-    last_value: Option<u64>,
-}
-
-impl ThreadResult {
-    fn add(&mut self, other: ThreadResult) {
-        self.sent += other.sent;
-        self.received += other.received;
-        self.lost += other.lost;
-        self.unanswered += other.unanswered;
-        self.late += other.late;
-        self.invalid += other.invalid;
-        self.non_increasing += other.non_increasing;
-        self.values.extend(other.values);
-        self.last_value = self.last_value.max(other.last_value);
-    }
-}
-
+/// Runs `ricochet bench`: opens the connections, runs the client threads, prints the report (text
+/// or JSON) and returns the verdict (Err when the run must not be trusted).
 pub fn run(args: BenchArgs) -> Result<()> {
     let _ = sys::raise_fd_limit();
     let cpus: Vec<Option<CpuId>> = match &args.cpus {
@@ -207,8 +131,9 @@ fn run_clients(
     Ok((total, hist))
 }
 
+/// A progress bar on a terminal (replies so far), hidden for JSON output or when stderr is not a
+/// terminal.
 fn progress_bar(args: &BenchArgs, send_for: Option<Duration>) -> indicatif::ProgressBar {
-    use std::io::IsTerminal;
     if args.json || !io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
     }

@@ -1,14 +1,8 @@
-//! Matching replies to requests, sans-IO: the requests in flight on one connection (`Pending`), the
-//! timeouts and the late window, and the `Recorder` that times, verifies and counts every reply.
+//! Matching replies to requests, sans-IO: the requests in flight on one socket (`Pending`), their
+//! timeouts and the late window, and where each reply belongs (`Attribution`).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
-
-use hdrhistogram::Histogram;
-
-use super::{Plan, ThreadResult};
-use crate::core::Protocol;
-use crate::wire::{CounterRepr, SockperfHeader};
 
 /// How long a datagram request that timed out is remembered, in timeouts: a reply that comes
 /// within this window after the timeout counts as late; a later one is not recognised (invalid for
@@ -30,11 +24,11 @@ pub(super) enum Attribution {
 
 /// A request whose reply did not come in time, remembered so that its reply counts as late.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct TimedOut {
-    pub(super) seq: u64,
-    pub(super) measured: bool,
+struct TimedOut {
+    seq: u64,
+    measured: bool,
     /// None on streams: their replies always come.
-    pub(super) forget_at: Option<Instant>,
+    forget_at: Option<Instant>,
 }
 
 /// The requests of one socket that wait for a reply, and those that timed out. Sans-IO: the
@@ -49,9 +43,9 @@ pub(super) struct TimedOut {
 #[derive(Debug, Default)]
 pub(super) struct Pending {
     /// Intended send times and sequence numbers, oldest first.
-    pub(super) in_flight: VecDeque<(Instant, u64)>,
+    in_flight: VecDeque<(Instant, u64)>,
     /// Oldest first: sequence numbers and forget times increase.
-    pub(super) timed_out: VecDeque<TimedOut>,
+    timed_out: VecDeque<TimedOut>,
 }
 
 impl Pending {
@@ -60,6 +54,11 @@ impl Pending {
             in_flight: VecDeque::with_capacity(depth),
             timed_out: VecDeque::new(),
         }
+    }
+
+    /// An empty `Pending` that holds as many requests in flight as this one without growing.
+    pub(super) fn empty_like(&self) -> Pending {
+        Pending::with_capacity(self.in_flight.capacity())
     }
 
     pub(super) fn push(&mut self, sent_at: Instant, seq: u64) {
@@ -140,146 +139,12 @@ impl Pending {
         }
     }
 
-    pub(super) fn late(&mut self, pos: usize) -> Attribution {
+    fn late(&mut self, pos: usize) -> Attribution {
         match self.timed_out.remove(pos) {
             Some(t) => Attribution::Late {
                 measured: t.measured,
             },
             None => Attribution::Unexpected,
-        }
-    }
-}
-
-/// A reply's bytes: a valid answer (with the counter's value for counter replies), or not.
-pub(super) enum Content {
-    Valid(Option<u64>),
-    Invalid,
-}
-
-/// What one client thread measures; requests sent before `warmup_end` are verified, not counted.
-pub(super) struct Recorder<'a> {
-    pub(super) plan: &'a Plan,
-    pub(super) hist: Histogram<u64>,
-    pub(super) result: ThreadResult,
-    pub(super) warmup_end: Instant,
-    /// Keep every counter reply value to find duplicates across connections.
-    pub(super) collect_values: bool,
-}
-
-impl Recorder<'_> {
-    /// Expires the requests of one socket past the timeout: datagrams are lost, stream requests
-    /// unanswered (the server may still apply them).
-    pub(super) fn expire(&mut self, pending: &mut Pending, now: Instant) {
-        let stream = self.plan.target.transport.is_stream();
-        let remember = (!stream).then(|| self.plan.timeout.saturating_mul(LATE_WINDOW_TIMEOUTS));
-        let measured = pending.expire(now, self.plan.timeout, remember, self.warmup_end);
-        if stream {
-            self.result.unanswered += measured;
-        } else {
-            self.result.lost += measured;
-        }
-    }
-
-    /// Judges one reply. Requests past the timeout are expired first, so a reply that comes after
-    /// its request's timeout is late: never timed, never taken for the answer to a newer request.
-    pub(super) fn on_reply(
-        &mut self,
-        pending: &mut Pending,
-        last_value: &mut Option<u64>,
-        reply: &[u8],
-    ) {
-        let now = Instant::now();
-        self.expire(pending, now);
-        let (attribution, content) = match self.plan.target.protocol {
-            Protocol::Counter => (
-                pending.in_order(self.plan.target.transport.is_stream()),
-                match CounterRepr::parse_bytes(reply) {
-                    Ok(repr) => Content::Valid(Some(repr.value)),
-                    Err(_) => Content::Invalid,
-                },
-            ),
-            Protocol::Echo | Protocol::Sockperf => {
-                let Ok(header) = SockperfHeader::new_checked(reply) else {
-                    self.result.invalid += 1;
-                    return;
-                };
-                (
-                    pending.by_sequence(header.sequence()),
-                    self.check_message(reply, &header),
-                )
-            }
-        };
-        let value = match content {
-            Content::Valid(value) => value,
-            Content::Invalid => {
-                self.result.invalid += 1;
-                return;
-            }
-        };
-        match attribution {
-            Attribution::Answers(sent_at) => self.answered(now, sent_at, value, last_value),
-            Attribution::Late { measured } => self.late(measured, value),
-            Attribution::Unexpected => self.result.invalid += 1,
-        }
-    }
-
-    /// An echo or sockperf reply is the request as `fill_message` built it (sockperf: with the
-    /// reply-request flag cleared).
-    pub(super) fn check_message(&self, reply: &[u8], header: &SockperfHeader<&[u8]>) -> Content {
-        let valid = reply.len() == self.plan.message_size
-            && match self.plan.target.protocol {
-                Protocol::Sockperf => header.flags() & crate::wire::SOCKPERF_PONG_REQUEST_FLAG == 0,
-                // fill_message: the sequence number, six 0xab bytes, zero padding.
-                _ => reply[8..14].iter().all(|&b| b == 0xab) && reply[14..].iter().all(|&b| b == 0),
-            };
-        if valid {
-            Content::Valid(None)
-        } else {
-            Content::Invalid
-        }
-    }
-
-    pub(super) fn answered(
-        &mut self,
-        now: Instant,
-        sent_at: Instant,
-        value: Option<u64>,
-        last_value: &mut Option<u64>,
-    ) {
-        if let Some(value) = value {
-            let increasing = match *last_value {
-                None => true,
-                Some(prev) if self.plan.increment == 0 => value >= prev,
-                Some(prev) => value > prev,
-            };
-            if !increasing {
-                self.result.non_increasing += 1;
-            }
-            *last_value = Some(value);
-        }
-        if sent_at < self.warmup_end {
-            return;
-        }
-        self.keep_value(value);
-        self.result.received += 1;
-        // Below the timeout, so below the histogram's top and u64::MAX nanoseconds.
-        let latency = u64::try_from(now.saturating_duration_since(sent_at).as_nanos());
-        self.hist
-            .saturating_record(latency.unwrap_or(u64::MAX).max(1));
-    }
-
-    /// A late reply is counted, not timed; its value still joins the duplicate check (it was
-    /// handed out by the server), but not the per-connection order (later replies overtook it).
-    pub(super) fn late(&mut self, measured: bool, value: Option<u64>) {
-        if measured {
-            self.result.late += 1;
-            self.keep_value(value);
-        }
-    }
-
-    pub(super) fn keep_value(&mut self, value: Option<u64>) {
-        if let (true, Some(value)) = (self.collect_values, value) {
-            self.result.values.push(value);
         }
     }
 }

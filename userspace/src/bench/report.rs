@@ -9,7 +9,8 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::args::{BenchArgs, MAX_TIMEOUT};
-use super::{Plan, ThreadResult};
+use super::plan::Plan;
+use super::recorder::ThreadResult;
 use crate::core::Protocol;
 
 /// The JSON result (docs/bench-json.md).
@@ -26,7 +27,8 @@ pub struct BenchReport {
     pub late: u64,
     /// Replies that are not a valid answer to the request (bad hash, wrong sequence or flags).
     pub invalid_replies: u64,
-    /// Counter replies not strictly greater than the previous one on the same connection.
+    /// Counter replies not strictly greater than the previous one on the same connection (with
+    /// `--increment 0`: smaller than it).
     pub non_increasing: u64,
     /// Counter reply values seen more than once across all connections of this run.
     pub duplicate_values: u64,
@@ -38,6 +40,7 @@ pub struct BenchReport {
     pub last_counter_value: Option<u64>,
 }
 
+/// What the run was asked to do, as the flags said it (`BenchReport::config`).
 #[derive(Debug, Clone, Serialize)]
 pub struct ReportConfig {
     pub target: String,
@@ -136,11 +139,12 @@ impl BenchReport {
 }
 
 /// Values seen more than once; sorts `values`.
-pub(super) fn count_duplicates(mut values: Vec<u64>) -> u64 {
+fn count_duplicates(mut values: Vec<u64>) -> u64 {
     values.sort_unstable();
     values.windows(2).filter(|w| w[0] == w[1]).count() as u64
 }
 
+/// Round-trip latencies in nanoseconds, from the histogram of timed replies.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct LatencySummary {
     pub count: u64,
@@ -152,6 +156,7 @@ pub struct LatencySummary {
     pub p99_9: u64,
     pub p99_99: u64,
     pub max: u64,
+    /// Fraction of the replies faster than 1 ms.
     pub share_under_1ms: f64,
 }
 
@@ -223,12 +228,14 @@ pub fn write_hgrm(h: &Histogram<u64>, out: &mut impl Write) -> io::Result<()> {
     Ok(())
 }
 
+/// An empty latency histogram (nanoseconds) that holds every latency a run can time.
 pub fn new_histogram() -> Histogram<u64> {
     // 1 ns to the longest timeout at 3 significant digits: a reply is timed only when it came
     // within the timeout, so every latency fits.
     Histogram::new_with_bounds(1, MAX_TIMEOUT.as_nanos() as u64, 3).expect("valid histogram bounds")
 }
 
+/// Prints the report as text, one line per aspect.
 pub(super) fn print_text(r: &BenchReport) {
     println!("target        {}", r.config.target);
     println!(
@@ -280,7 +287,7 @@ pub(super) fn print_text(r: &BenchReport) {
     print_counter(r);
 }
 
-pub(super) fn print_counter(r: &BenchReport) {
+fn print_counter(r: &BenchReport) {
     if let Some(v) = r.last_counter_value {
         println!("counter       last value {v}");
     }
