@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,6 +28,18 @@ enum Command {
     },
 }
 
+/// `serve` with its configuration file merged under the flags and environment.
+fn serve(command: &mut clap::Command, matches: &ArgMatches) -> anyhow::Result<()> {
+    let serve = command
+        .find_subcommand_mut("serve")
+        .expect("serve is a subcommand");
+    let given = matches
+        .subcommand_matches("serve")
+        .expect("serve was parsed");
+    let settings = ricochet::serve::Settings::load(serve, given)?;
+    ricochet::serve::run(settings)
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -36,9 +48,12 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pprof=warn")),
         )
         .init();
-    let cli = Cli::parse();
+    let mut command =
+        Cli::command().mut_subcommand("serve", ricochet::serve::settings::with_environment);
+    let matches = command.get_matches_mut();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
-        Command::Serve(args) => ricochet::serve::run(args),
+        Command::Serve(_) => serve(&mut command, &matches),
         Command::Bench(args) => ricochet::bench::run(args),
         Command::Hw { command } => ricochet::hw::run(command),
     };

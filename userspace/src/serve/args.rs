@@ -20,8 +20,20 @@ mode_word! {
     }
 }
 
+/// Every flag also reads `RICOCHET_<NAME>` (`--max-datagram`: `RICOCHET_MAX_DATAGRAM`) and a key of
+/// the `--config` file named like the flag (`max-datagram = 2048`); see [`super::settings`].
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
+    /// A TOML file of settings, one key per flag (its long name: `listen = ["udp://0.0.0.0:7777"]`,
+    /// `max-datagram = 2048`). Flags and RICOCHET_* environment variables override it.
+    #[arg(long, value_name = "FILE.toml")]
+    pub config: Option<PathBuf>,
+
+    /// Print the effective configuration (flags, environment, file and defaults merged) as TOML, with
+    /// where each value came from, and exit.
+    #[arg(long)]
+    pub print_config: bool,
+
     /// Datapath that answers requests.
     #[arg(long, value_enum, default_value = "kernel")]
     pub mode: Mode,
@@ -30,7 +42,8 @@ pub struct ServeArgs {
     /// TRANSPORT udp, tcp or unix; repeat for more listeners. Port 0 picks a free port (the start-up
     /// lines print it). Examples: udp://0.0.0.0:7777, tcp://0.0.0.0:7777, unix:///run/ricochet.sock,
     /// sockperf+udp://0.0.0.0:11111.
-    #[arg(long = "listen", value_name = "SPEC", required = true)]
+    /// Also `listen = [...]` in the file; the environment variable takes a comma-separated list.
+    #[arg(long = "listen", value_name = "SPEC", value_delimiter = ',')]
     pub listen: Vec<ListenSpec>,
 
     /// CPUs to run one pinned worker each on, in the kernel's list format (0-3,6). Default: every CPU
@@ -145,6 +158,11 @@ pub struct ServeArgs {
     /// HTTP worker threads; default one per housekeeping CPU (CPUs not in --cpus), else one per CPU.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub http_workers: Option<u16>,
+
+    /// Once set up, switch to this user (and its group); the capabilities set-up needed are dropped
+    /// with or without it. Needs root.
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
 }
 
 fn parse_frame_size(s: &str) -> Result<u32, String> {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use super::args::{Mode, ServeArgs};
+use super::settings::{Setting, Settings};
 use crate::afxdp::SocketParams;
 use crate::core::Protocol;
 use crate::http::HttpListen;
@@ -33,6 +34,8 @@ pub struct Config {
     pub http: Option<HttpPlan>,
     pub mlock: bool,
     pub profile: Option<PathBuf>,
+    /// Every setting with its value and where it came from (flag, environment, file, default).
+    pub settings: Vec<Setting>,
 }
 
 /// The interface, the XDP program's attachment and, in afxdp mode, the sockets.
@@ -88,8 +91,11 @@ fn as_text<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S:
 
 impl Config {
     /// Resolves the command line (with its profile) against this machine.
-    pub fn resolve(args: ServeArgs) -> Result<Config> {
-        let args = apply_profile(args)?;
+    pub fn resolve(settings: Settings) -> Result<Config> {
+        let args = apply_profile(settings.args)?;
+        if args.listen.is_empty() {
+            bail!("no listener: give --listen SPEC, RICOCHET_LISTEN or 'listen = [...]' in the --config file");
+        }
         let allowed = sys::allowed_cpus().context("cannot read this process's CPU affinity")?;
         let cpus = CpuList::resolve(args.cpus.as_ref(), &allowed).map_err(anyhow::Error::msg)?;
         let placement = Placement::plan(args.mode, &cpus, &allowed, args.sched_fifo);
@@ -114,6 +120,7 @@ impl Config {
             http,
             mlock: args.mlock,
             profile: args.profile,
+            settings: settings.table,
         })
     }
 }

@@ -11,6 +11,7 @@ mod config;
 mod datapaths;
 mod publish;
 mod report;
+pub mod settings;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -23,9 +24,13 @@ use crate::sys;
 pub use args::{Mode, ServeArgs};
 pub use config::Config;
 use datapaths::Datapaths;
+pub use settings::Settings;
 
-pub fn run(args: ServeArgs) -> Result<()> {
-    let config = Config::resolve(args)?;
+pub fn run(settings: Settings) -> Result<()> {
+    if settings.args.print_config {
+        return Ok(report::print(&settings.to_toml())?);
+    }
+    let config = Config::resolve(settings)?;
     prepare_process(&config)?;
     let paths = Datapaths::start(&config)?;
     let state = publish::app_state(&config, &paths);
