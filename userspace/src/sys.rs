@@ -332,6 +332,26 @@ pub fn set_fifo_priority(priority: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// Switches the calling thread, and only it, to `uid` and `gid` with `gid` as its only group. The raw
+/// system calls act on one thread (glibc's wrappers would signal every thread to follow); each
+/// thread of set-up calls this itself (see `privilege`).
+pub fn set_thread_ids(uid: u32, gid: u32) -> io::Result<()> {
+    let groups = [gid];
+    let check = |r: libc::c_long| {
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    // SAFETY: setgroups reads one gid_t from `groups`, which lives on this stack frame.
+    check(unsafe { libc::syscall(libc::SYS_setgroups, 1, groups.as_ptr()) })?;
+    // SAFETY: setresgid and setresuid take plain integers and touch no memory of ours.
+    check(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) })
+}
+
 /// Locks all current and future pages in memory.
 pub fn lock_all_memory() -> io::Result<()> {
     nix::sys::mman::mlockall(

@@ -22,6 +22,7 @@ use engine::FrameEngine;
 use worker::WorkerContext;
 
 use crate::core::{Counter, Protocol};
+use crate::privilege::Lockdown;
 use crate::spec::CpuId;
 use crate::spec::XdpAttachMode;
 use crate::stats::{WorkerStats, XskLive, XskStats};
@@ -75,6 +76,8 @@ pub struct AfxdpPlan<'a> {
     pub xdp_mode: XdpAttachMode,
     /// Replace an XDP program someone else attached.
     pub force: bool,
+    /// What each worker drops once its socket is open.
+    pub lockdown: &'a Lockdown,
 }
 
 /// Loads and attaches the steering program, then starts one worker per queue. If a worker fails to
@@ -101,6 +104,7 @@ pub fn start(
             counter: counter.clone(),
             stop: stop.clone(),
             live: Arc::new(XskLive::default()),
+            lockdown: plan.lockdown.clone(),
         };
         let (worker, started) = spawn_worker(context, plan.cpus[i % plan.cpus.len()])?;
         starting.workers.push(worker);

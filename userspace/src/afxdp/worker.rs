@@ -21,6 +21,7 @@ use super::flusher::TxFlusher;
 use super::ledger::FrameLedger;
 use super::umem::UmemArea;
 use crate::core::{Batch, Counter, Ticket};
+use crate::privilege::Lockdown;
 use crate::spec::{PollMode, ZeroCopy};
 use crate::stats::{WorkerStats, XskLive, XskStats};
 use crate::sys;
@@ -172,6 +173,8 @@ pub struct WorkerContext {
     pub stop: Arc<AtomicBool>,
     /// Where the worker publishes its XDP_STATISTICS for the endpoints.
     pub live: Arc<XskLive>,
+    /// The privileges the worker drops once its socket is open.
+    pub lockdown: Lockdown,
 }
 
 /// Runs one AF_XDP worker until `stop`. Sends `Started` (or the start-up error) once the socket is
@@ -185,6 +188,7 @@ pub fn run(
             sys::set_busy_poll(rings.rx.as_raw_fd(), usecs, ctx.params.busy_poll_budget)
                 .context("cannot enable busy polling on the AF_XDP socket")?;
         }
+        ctx.lockdown.enter()?;
         Ok(rings)
     });
     // Start-up waits for this message: every failure before it says why.

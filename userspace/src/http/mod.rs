@@ -10,5 +10,5 @@ pub mod server;
 pub mod state;
 
 pub use routes::Access;
-pub use server::{HttpConfig, HttpListen, HttpServer};
+pub use server::{HttpBound, HttpConfig, HttpListen, HttpServer};
 pub use state::{AppState, WorkerView, XskLive};

@@ -99,10 +99,37 @@ pub struct HttpServer {
     handles: Vec<JoinHandle<()>>,
 }
 
+/// The listener(s) bound, no thread started yet: binding may need privileges that the serving
+/// threads never get.
+pub struct HttpBound {
+    config: HttpConfig,
+    listeners: Vec<StreamListener>,
+    pub bound: HttpListen,
+}
+
 impl HttpServer {
+    pub fn bind(config: HttpConfig) -> Result<HttpBound> {
+        let (listeners, bound) = bind(&config.listen, config.workers.max(1))?;
+        Ok(HttpBound {
+            config,
+            listeners,
+            bound,
+        })
+    }
+
     pub fn start(config: HttpConfig, state: Arc<AppState>) -> Result<HttpServer> {
-        let n = config.workers.max(1);
-        let (listeners, bound) = bind(&config.listen, n)?;
+        HttpServer::bind(config)?.serve(state)
+    }
+}
+
+impl HttpBound {
+    /// Starts one worker thread per listener.
+    pub fn serve(self, state: Arc<AppState>) -> Result<HttpServer> {
+        let HttpBound {
+            config,
+            listeners,
+            bound,
+        } = self;
         let limiter: Option<Arc<DefaultKeyedRateLimiter<IpAddr>>> =
             NonZeroU32::new(config.rate_limit)
                 .map(|rate| Arc::new(RateLimiter::keyed(Quota::per_second(rate))));
@@ -155,7 +182,9 @@ impl HttpServer {
             handles,
         })
     }
+}
 
+impl HttpServer {
     /// Whether a worker thread has ended (returned an error or panicked) although no shutdown was
     /// asked for: the server then answers on fewer threads, or on none.
     pub fn any_worker_finished(&self) -> bool {

@@ -34,6 +34,8 @@ pub struct Config {
     pub http: Option<HttpPlan>,
     pub mlock: bool,
     pub profile: Option<PathBuf>,
+    /// The user to switch to after set-up.
+    pub user: Option<String>,
     /// Every setting with its value and where it came from (flag, environment, file, default).
     pub settings: Vec<Setting>,
 }
@@ -120,6 +122,7 @@ impl Config {
             http,
             mlock: args.mlock,
             profile: args.profile,
+            user: args.user,
             settings: settings.table,
         })
     }

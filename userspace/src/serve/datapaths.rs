@@ -14,6 +14,7 @@ use super::report::Report;
 use crate::afxdp::{self, AfXdpDatapath, AfxdpPlan};
 use crate::core::{Counter, LocalCounter};
 use crate::kernel::{self, KernelWorker};
+use crate::privilege::Lockdown;
 use crate::spec::ListenSpec;
 use crate::xdp::{AttachedMode, ProgramKind, XdpProgram};
 
@@ -37,7 +38,8 @@ pub struct Datapaths {
 
 impl Datapaths {
     /// Starts the kernel workers, then the bypass datapath of the mode.
-    pub fn start(config: &Config) -> Result<Datapaths> {
+    /// Every worker drops its privileges (`lockdown`) once its own set-up is done.
+    pub fn start(config: &Config, lockdown: &Lockdown) -> Result<Datapaths> {
         // In xdp mode the counter lives in the program's BPF_F_MMAPABLE map, shared by both paths.
         let responder = match &config.bypass {
             Some(bypass) if bypass.afxdp.is_none() => Some(XdpProgram::load(
@@ -58,6 +60,7 @@ impl Datapaths {
             config.placement.kernel_scheduling,
             counter.clone(),
             stop.clone(),
+            lockdown,
         )?;
         let mut paths = Datapaths {
             counter,
@@ -67,11 +70,16 @@ impl Datapaths {
             bypass: Bypass::None,
         };
         // A failure from here on drops `paths`, which stops and joins the kernel workers.
-        paths.bypass = paths.start_bypass(config, responder)?;
+        paths.bypass = paths.start_bypass(config, responder, lockdown)?;
         Ok(paths)
     }
 
-    fn start_bypass(&self, config: &Config, responder: Option<XdpProgram>) -> Result<Bypass> {
+    fn start_bypass(
+        &self,
+        config: &Config,
+        responder: Option<XdpProgram>,
+        lockdown: &Lockdown,
+    ) -> Result<Bypass> {
         let Some(bypass) = &config.bypass else {
             return Ok(Bypass::None);
         };
@@ -83,6 +91,7 @@ impl Datapaths {
                 cpus: &config.cpus,
                 xdp_mode: bypass.xdp_mode,
                 force: bypass.force,
+                lockdown,
             };
             let datapath = afxdp::start(&plan, self.counter.clone(), self.stop.clone())?;
             return Ok(Bypass::Afxdp(datapath));

@@ -18,8 +18,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::Signal;
+use sd_notify::NotifyState;
 
 use crate::http::{AppState, HttpServer};
+use crate::privilege::Lockdown;
 use crate::sys;
 pub use args::{Mode, ServeArgs};
 pub use config::Config;
@@ -31,15 +33,28 @@ pub fn run(settings: Settings) -> Result<()> {
         return Ok(report::print(&settings.to_toml())?);
     }
     let config = Config::resolve(settings)?;
+    let lockdown = Lockdown::plan(config.user.as_deref(), config.mlock)?;
     prepare_process(&config)?;
-    let paths = Datapaths::start(&config)?;
-    let state = publish::app_state(&config, &paths);
+    let paths = Datapaths::start(&config, &lockdown)?;
     let http = match &config.http {
-        Some(plan) => Some(publish::start_http(&config, plan, state.clone())?),
+        Some(plan) => Some(publish::bind_http(&config, plan)?),
+        None => None,
+    };
+    // Set-up is over: the packet workers dropped their privileges, the main thread does now, and
+    // the HTTP threads it starts next inherit that.
+    let dropped = lockdown
+        .finish()
+        .context("cannot drop privileges after set-up")?;
+    tracing::info!("{dropped}");
+    let state = publish::app_state(&config, &paths, &dropped);
+    let http = match http {
+        Some(bound) => Some(bound.serve(state.clone())?),
         None => None,
     };
     report::print(&report::ready_text(&config, &paths, http.as_ref()))?;
+    notify_service_manager(&[NotifyState::Ready, NotifyState::Status("serving")]);
     let ending = supervise(&paths, &state, http.as_ref());
+    notify_service_manager(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
     // Shutdown: the endpoints first (they finish requests in flight), then the datapaths.
     state.readiness.stopping.store(true, Ordering::Relaxed);
     if let Some(server) = http {
@@ -51,6 +66,14 @@ pub fn run(settings: Settings) -> Result<()> {
     match (ending, report.errors.is_empty()) {
         (Ending::Signal, true) => Ok(()),
         (ending, _) => bail!("{}: {}", ending.failure(), report.errors.join("; ")),
+    }
+}
+
+/// Tells systemd (`Type=notify`, through `$NOTIFY_SOCKET`) where start-up or shutdown stands; without
+/// a service manager this does nothing.
+fn notify_service_manager(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("cannot notify the service manager: {e}");
     }
 }
 

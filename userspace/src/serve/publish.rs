@@ -9,7 +9,8 @@ use anyhow::Result;
 
 use super::config::{Config, HttpPlan};
 use super::datapaths::{Bypass, Datapaths};
-use crate::http::{Access, AppState, HttpConfig, HttpServer, WorkerView};
+use crate::http::{Access, AppState, HttpBound, HttpConfig, HttpServer, WorkerView};
+use crate::privilege::Dropped;
 use crate::spec::{PollMode, XdpAttachMode, ZeroCopy};
 use crate::xdp::AttachedMode;
 
@@ -21,6 +22,8 @@ pub struct StartedAs {
     pub xdp_mode: Option<AttachedMode>,
     pub zero_copy: Option<bool>,
     pub fallbacks: Vec<Fallback>,
+    /// What the process kept after set-up.
+    pub privileges: Dropped,
 }
 
 /// A degraded mode the kernel or the driver chose for us (probe, then degrade visibly).
@@ -48,7 +51,7 @@ impl serde::Serialize for Fallback {
 }
 
 impl StartedAs {
-    pub fn of(config: &Config, paths: &Datapaths) -> StartedAs {
+    pub fn of(config: &Config, paths: &Datapaths, privileges: &Dropped) -> StartedAs {
         let asked = config.bypass.as_ref();
         let xdp_asked = asked.map_or(XdpAttachMode::Auto, |b| b.xdp_mode);
         let zero_copy_asked = asked
@@ -72,17 +75,18 @@ impl StartedAs {
             xdp_mode,
             zero_copy,
             fallbacks,
+            privileges: privileges.clone(),
         }
     }
 }
 
 /// The endpoints' view of the running datapaths.
-pub fn app_state(config: &Config, paths: &Datapaths) -> Arc<AppState> {
+pub fn app_state(config: &Config, paths: &Datapaths, privileges: &Dropped) -> Arc<AppState> {
     let mut config_json = serde_json::to_value(config).expect("the configuration serialises");
     config_json["listen"] = serde_json::to_value(&paths.bound).expect("listen specs serialise");
     let mut state = AppState::new(config.mode.as_str(), config_json, paths.counter.clone());
-    state.started_as =
-        serde_json::to_value(StartedAs::of(config, paths)).expect("the start-up facts serialise");
+    state.started_as = serde_json::to_value(StartedAs::of(config, paths, privileges))
+        .expect("the start-up facts serialise");
     state.workers = worker_views(paths);
     state.xdp_stats = paths.program().map(|p| Box::new(p.stats_reader()) as _);
     let readiness = &state.readiness;
@@ -119,8 +123,8 @@ fn worker_views(paths: &Datapaths) -> Vec<WorkerView> {
     kernel.chain(afxdp).collect()
 }
 
-/// Starts the HTTP endpoints on the housekeeping CPUs.
-pub fn start_http(config: &Config, plan: &HttpPlan, state: Arc<AppState>) -> Result<HttpServer> {
+/// Binds the HTTP endpoints (their workers, started later, run on the housekeeping CPUs).
+pub fn bind_http(config: &Config, plan: &HttpPlan) -> Result<HttpBound> {
     let http = HttpConfig {
         access: Access {
             token: plan.token.clone(),
@@ -132,5 +136,5 @@ pub fn start_http(config: &Config, plan: &HttpPlan, state: Arc<AppState>) -> Res
         header_timeout: plan.header_timeout.0,
         idle_timeout: plan.idle_timeout.0,
     };
-    HttpServer::start(http, state)
+    HttpServer::bind(http)
 }

@@ -31,14 +31,20 @@ impl Server {
     /// Starts the server inside a network namespace (`ip netns exec` execs into ricochet, so the
     /// child's pid is ricochet's and signals reach it directly).
     pub fn start_in(ns: Option<&str>, args: &[&str]) -> Server {
-        let mut command = match ns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, BIN]);
-                c
-            }
-            None => Command::new(BIN),
+        Server::start_wrapped(ns, &[], args)
+    }
+
+    /// Starts the server through `wrapper` (a command that execs its arguments, such as setpriv),
+    /// optionally inside a namespace.
+    pub fn start_wrapped(ns: Option<&str>, wrapper: &[&str], args: &[&str]) -> Server {
+        let mut argv: Vec<&str> = match ns {
+            Some(ns) => vec!["ip", "netns", "exec", ns],
+            None => vec![],
         };
+        argv.extend_from_slice(wrapper);
+        argv.push(BIN);
+        let mut command = Command::new(argv[0]);
+        command.args(&argv[1..]);
         // Parallel tests must not share the default HTTP port.
         let http_default: &[&str] = if args.contains(&"--http") {
             &[]

@@ -1,0 +1,301 @@
+//! Least privilege after set-up. Capabilities, `no_new_privs` and user IDs belong to each thread,
+//! not to the process, so every thread that exists during set-up leaves root on its own: packet
+//! workers once their sockets are open ([`Lockdown::enter`]), the main thread last
+//! ([`Lockdown::finish`]), which then checks every thread of the process in `/proc/self/task` and
+//! fails start-up if one still holds more. Threads started afterwards inherit the main thread's
+//! credentials.
+//!
+//! What is kept: nothing, except `CAP_IPC_LOCK` with `--mlock` (memory locked with `MCL_FUTURE`
+//! must stay lockable as the heap grows, and `ulimit -l` may be small). Everything else is needed
+//! only to set up: loading and attaching XDP (`CAP_BPF`, `CAP_PERFMON`, `CAP_NET_ADMIN`, or
+//! `CAP_SYS_ADMIN` on older kernels), AF_XDP sockets (`CAP_NET_RAW`), busy polling
+//! (`CAP_NET_ADMIN`), UMEM beyond `ulimit -l` (`CAP_IPC_LOCK`), `SCHED_FIFO` (`CAP_SYS_NICE`),
+//! ports below 1024 (`CAP_NET_BIND_SERVICE`). The XDP program's BPF link detaches when its
+//! descriptor closes, which needs no capability.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use anyhow::{anyhow, bail, Context, Result};
+use caps::{CapSet, Capability, CapsHashSet};
+
+use crate::sys;
+
+/// The user to become.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Account {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// What every thread keeps once set up, decided before any thread starts.
+#[derive(Debug, Clone)]
+pub struct Lockdown {
+    keep: CapsHashSet,
+    account: Option<Account>,
+    /// Whether the bounding set can be emptied (it needs `CAP_SETPCAP`).
+    bounding: bool,
+}
+
+/// The outcome, for the log and `/stats`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Dropped {
+    pub kept: Vec<String>,
+    /// The user `--user` switched to, if any.
+    pub user: Option<Account>,
+    /// Who the process runs as now.
+    pub uid: u32,
+    pub gid: u32,
+    pub no_new_privs: bool,
+    pub threads: usize,
+}
+
+impl fmt::Display for Dropped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kept = if self.kept.is_empty() {
+            "no capability".to_string()
+        } else {
+            self.kept.join(", ")
+        };
+        write!(
+            f,
+            "privileges dropped in {} threads: kept {kept}",
+            self.threads
+        )?;
+        match &self.user {
+            Some(user) => write!(
+                f,
+                "; switched to {} (uid {}, gid {})",
+                user.name, user.uid, user.gid
+            )?,
+            None => write!(f, "; running as uid {}, gid {}", self.uid, self.gid)?,
+        }
+        f.write_str("; no_new_privs set")
+    }
+}
+
+impl Lockdown {
+    /// Plans the drop: keep `CAP_IPC_LOCK` when memory is locked (if this process has it), become
+    /// `user` if given (which needs root's `CAP_SETUID` and `CAP_SETGID`).
+    pub fn plan(user: Option<&str>, mlock: bool) -> Result<Lockdown> {
+        let permitted = caps::read(None, CapSet::Permitted).context("cannot read capabilities")?;
+        let mut keep = CapsHashSet::new();
+        if mlock && permitted.contains(&Capability::CAP_IPC_LOCK) {
+            keep.insert(Capability::CAP_IPC_LOCK);
+        }
+        let account = user.map(|name| account(name, &permitted)).transpose()?;
+        let bounding = permitted.contains(&Capability::CAP_SETPCAP);
+        Ok(Lockdown {
+            keep,
+            account,
+            bounding,
+        })
+    }
+
+    /// Drops the calling thread's privileges: the bounding and ambient sets, the user and group
+    /// (with `--user`), then the permitted, effective and inheritable sets; sets `no_new_privs`.
+    pub fn enter(&self) -> Result<()> {
+        if self.bounding {
+            for cap in caps::read(None, CapSet::Bounding)? {
+                if !self.keep.contains(&cap) {
+                    caps::drop(None, CapSet::Bounding, cap)
+                        .with_context(|| format!("cannot drop {cap} from the bounding set"))?;
+                }
+            }
+        }
+        caps::clear(None, CapSet::Ambient).context("cannot clear the ambient capabilities")?;
+        if let Some(user) = &self.account {
+            // Keep the permitted set across the user switch; it is cut to `keep` just below.
+            nix::sys::prctl::set_keepcaps(true)?;
+            sys::set_thread_ids(user.uid, user.gid)
+                .with_context(|| format!("cannot switch to user {}", user.name))?;
+            nix::sys::prctl::set_keepcaps(false)?;
+        }
+        // The effective set shrinks first: it must stay within the permitted set.
+        let none = CapsHashSet::new();
+        let sets = [
+            (CapSet::Effective, &self.keep),
+            (CapSet::Inheritable, &none),
+            (CapSet::Permitted, &self.keep),
+        ];
+        for (set, value) in sets {
+            caps::set(None, set, value)
+                .with_context(|| format!("cannot set the {set:?} capabilities"))?;
+        }
+        nix::sys::prctl::set_no_new_privs().context("cannot set no_new_privs")
+    }
+
+    /// Drops the main thread's privileges once every other thread of set-up has, then checks every
+    /// thread of the process.
+    pub fn finish(&self) -> Result<Dropped> {
+        self.enter()?;
+        let threads = self.verify()?;
+        let mut kept: Vec<String> = self.keep.iter().map(|c| c.to_string()).collect();
+        kept.sort();
+        Ok(Dropped {
+            kept,
+            user: self.account.clone(),
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            no_new_privs: true,
+            threads,
+        })
+    }
+
+    /// Reads `/proc/self/task/*/status`: every thread must hold exactly the kept capabilities, have
+    /// `no_new_privs` and run as the planned user.
+    fn verify(&self) -> Result<usize> {
+        let keep = mask(&self.keep);
+        let mut threads = 0;
+        for entry in std::fs::read_dir("/proc/self/task").context("cannot list /proc/self/task")? {
+            let dir = entry?.path();
+            let Ok(status) = std::fs::read_to_string(dir.join("status")) else {
+                continue; // the thread ended
+            };
+            let creds = ThreadCreds::parse(&status)
+                .ok_or_else(|| anyhow!("cannot parse {}", dir.join("status").display()))?;
+            let uid = self.account.as_ref().map(|a| a.uid);
+            if let Some(what) = creds.excess(keep, self.bounding, uid) {
+                bail!(
+                    "thread {} ({}) {what} after the privilege drop",
+                    creds.name,
+                    dir.display()
+                );
+            }
+            threads += 1;
+        }
+        Ok(threads)
+    }
+}
+
+fn account(name: &str, permitted: &CapsHashSet) -> Result<Account> {
+    let user = nix::unistd::User::from_name(name)
+        .with_context(|| format!("cannot look up user '{name}'"))?
+        .ok_or_else(|| {
+            anyhow!("--user {name}: no such user (create it, or pick one from /etc/passwd)")
+        })?;
+    for cap in [Capability::CAP_SETUID, Capability::CAP_SETGID] {
+        if !permitted.contains(&cap) {
+            bail!("--user {name} needs root (or {cap}) to switch users; start ricochet as root or drop --user");
+        }
+    }
+    Ok(Account {
+        name: name.to_string(),
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+    })
+}
+
+fn mask(set: &CapsHashSet) -> u64 {
+    set.iter().fold(0, |m, cap| m | cap.bitmask())
+}
+
+/// One thread's credentials as `/proc/PID/task/TID/status` shows them.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ThreadCreds {
+    pub name: String,
+    pub uids: [u32; 4],
+    pub inheritable: u64,
+    pub permitted: u64,
+    pub effective: u64,
+    pub bounding: u64,
+    pub ambient: u64,
+    pub no_new_privs: bool,
+}
+
+impl ThreadCreds {
+    pub fn parse(status: &str) -> Option<ThreadCreds> {
+        let mut c = ThreadCreds::default();
+        let mut seen = BTreeSet::new();
+        for line in status.lines() {
+            let Some((key, value)) = line.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            let hex = || u64::from_str_radix(value, 16).ok();
+            match key {
+                "Name" => c.name = value.to_string(),
+                "Uid" => {
+                    let ids: Vec<u32> = value
+                        .split_whitespace()
+                        .filter_map(|v| v.parse().ok())
+                        .collect();
+                    c.uids = ids.try_into().ok()?;
+                }
+                "CapInh" => c.inheritable = hex()?,
+                "CapPrm" => c.permitted = hex()?,
+                "CapEff" => c.effective = hex()?,
+                "CapBnd" => c.bounding = hex()?,
+                "CapAmb" => c.ambient = hex()?,
+                "NoNewPrivs" => c.no_new_privs = value == "1",
+                _ => continue,
+            }
+            seen.insert(key);
+        }
+        (seen.len() == 8).then_some(c)
+    }
+
+    /// What this thread holds beyond `keep` (or lacks), if anything.
+    fn excess(&self, keep: u64, bounding: bool, uid: Option<u32>) -> Option<String> {
+        let sets = [
+            ("CapPrm", self.permitted),
+            ("CapEff", self.effective),
+            ("CapInh", self.inheritable),
+            ("CapAmb", self.ambient),
+        ];
+        for (name, value) in sets {
+            if value & !keep != 0 {
+                return Some(format!("still has {name} {value:016x}"));
+            }
+        }
+        if bounding && self.bounding & !keep != 0 {
+            return Some(format!("still has CapBnd {:016x}", self.bounding));
+        }
+        if !self.no_new_privs {
+            return Some("has no no_new_privs".into());
+        }
+        match uid {
+            Some(uid) if self.uids.iter().any(|&u| u != uid) => {
+                Some(format!("runs as uids {:?}, not {uid}", self.uids))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    const STATUS: &str = "Name:\tkernel-0\nUmask:\t0022\nUid:\t65534\t65534\t65534\t65534\n\
+        NoNewPrivs:\t1\nCapInh:\t0000000000000000\nCapPrm:\t0000000000004000\n\
+        CapEff:\t0000000000004000\nCapBnd:\t0000000000004000\nCapAmb:\t0000000000000000\n";
+
+    #[test]
+    fn a_locked_down_thread_passes_and_each_excess_is_named() {
+        let c = ThreadCreds::parse(STATUS).unwrap();
+        assert_eq!(c.name, "kernel-0");
+        let ipc_lock = Capability::CAP_IPC_LOCK.bitmask();
+        assert_eq!(c.permitted, ipc_lock);
+        assert_eq!(c.excess(ipc_lock, true, Some(65534)), None);
+        let e = c.excess(0, true, Some(65534)).unwrap();
+        assert!(e.contains("CapPrm"), "{e}");
+        let e = c.excess(ipc_lock, true, Some(0)).unwrap();
+        assert!(e.contains("uids"), "{e}");
+        let open = ThreadCreds {
+            no_new_privs: false,
+            ..ThreadCreds::parse(STATUS).unwrap()
+        };
+        assert!(open
+            .excess(ipc_lock, true, None)
+            .unwrap()
+            .contains("no_new_privs"));
+    }
+
+    #[test]
+    fn a_status_missing_a_field_is_not_parsed() {
+        let cut = STATUS.replace("NoNewPrivs:\t1\n", "");
+        assert_eq!(ThreadCreds::parse(&cut), None);
+    }
+}
