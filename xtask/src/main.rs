@@ -15,6 +15,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{bail, Context, Result};
 
 mod fuzz;
+mod package;
 mod packages;
 mod report;
 mod report_http;
@@ -37,6 +38,9 @@ tasks:
   fuzz [--seconds N] [TARGET...]
                         build the cargo-fuzz targets in fuzz/ and run each (default all) for N
                         seconds (default 30) from its seeds; fails naming every crashing input
+  package [--check]     the Debian package (cargo deb); --check (root) installs it here with
+                        dpkg -i, runs /usr/bin/ricochet --version, verifies the unit, loads the
+                        shipped configuration, then purges it
   report DIR            results.md and latency.svg from the runs bench/latency.sh recorded in DIR
   report loopback DIR   loopback.md from the runs bench/loopback.sh recorded in DIR
   report http RUNS OUT  the HTTP table (OUT, markdown) from the runs bench/http.sh recorded in RUNS";
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
         Some("lab") => lab(&args[1..]),
         Some("run") => run::run(&args[1..]),
         Some("fuzz") => fuzz::run(&args[1..]),
+        Some("package") => package::run_command(&args[1..]),
         Some("report") => report_command(&args[1..]),
         Some("help" | "-h" | "--help") | None => {
             println!("{USAGE}");

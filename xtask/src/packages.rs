@@ -44,7 +44,9 @@ mod test {
 
     #[test]
     fn the_groups_xtask_uses_are_not_empty() {
-        for name in ["test", "lab", "run", "latency", "loopback", "http"] {
+        for name in [
+            "test", "lab", "run", "latency", "loopback", "http", "package",
+        ] {
             assert!(!group(name).is_empty(), "group {name} is empty");
         }
         assert!(group("test").contains(&("sockperf", "sockperf")));
