@@ -109,7 +109,7 @@ impl Ending {
 }
 
 /// Serves until a stop signal or a dead worker. SIGHUP prints a status report and keeps serving
-/// (there is nothing to reload).
+/// (the configuration is not reloaded: set-up happens once, before privileges are dropped).
 fn supervise(paths: &Datapaths, state: &AppState, http: Option<&HttpServer>) -> Ending {
     loop {
         match sys::wait_for_signal(Duration::from_millis(200)) {
