@@ -28,6 +28,22 @@ enum Command {
     },
 }
 
+/// Clap's error, but naming the `RICOCHET_*` variable when a bad value came from the environment.
+fn exit_on_parse_error(command: &clap::Command, e: clap::Error) -> ! {
+    let serve = command
+        .find_subcommand("serve")
+        .expect("serve is a subcommand");
+    match ricochet::serve::settings::blame_environment(serve, &e) {
+        Some(name) => {
+            let message = e.to_string();
+            let first = message.lines().next().unwrap_or_default();
+            eprintln!("ricochet: {name}: {}", first.trim_start_matches("error: "));
+            std::process::exit(2);
+        }
+        None => e.exit(),
+    }
+}
+
 /// `serve` with its configuration file merged under the flags and environment.
 fn serve(command: &mut clap::Command, matches: &ArgMatches) -> anyhow::Result<()> {
     let serve = command
@@ -50,7 +66,9 @@ fn main() -> ExitCode {
         .init();
     let mut command =
         Cli::command().mut_subcommand("serve", ricochet::serve::settings::with_environment);
-    let matches = command.get_matches_mut();
+    let matches = command
+        .try_get_matches_from_mut(std::env::args_os())
+        .unwrap_or_else(|e| exit_on_parse_error(&command, e));
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Command::Serve(_) => serve(&mut command, &matches),

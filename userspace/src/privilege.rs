@@ -15,9 +15,11 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use caps::{CapSet, Capability, CapsHashSet};
+use nix::unistd::{Gid, Uid};
 
 use crate::sys;
 
@@ -124,6 +126,20 @@ impl Lockdown {
                 .with_context(|| format!("cannot set the {set:?} capabilities"))?;
         }
         nix::sys::prctl::set_no_new_privs().context("cannot set no_new_privs")
+    }
+
+    /// With `--user`, gives the files set-up created (Unix socket files) to that user, so that it can
+    /// remove them at exit.
+    pub fn hand_over<'p>(&self, files: impl IntoIterator<Item = &'p Path>) -> Result<()> {
+        let Some(user) = &self.account else {
+            return Ok(());
+        };
+        let (uid, gid) = (Uid::from_raw(user.uid), Gid::from_raw(user.gid));
+        for file in files {
+            nix::unistd::chown(file, Some(uid), Some(gid))
+                .with_context(|| format!("cannot give {} to user {}", file.display(), user.name))?;
+        }
+        Ok(())
     }
 
     /// Drops the main thread's privileges once every other thread of set-up has, then checks every

@@ -154,7 +154,10 @@ fn bad_files_name_the_key_and_line_and_exit_non_zero() {
         &["--listen", "udp://127.0.0.1:0"],
         &[("RICOCHET_BATCH", "0")],
     );
-    assert!(!ok && err.contains("'0' for '--batch"), "{err}");
+    assert!(
+        !ok && err.contains("RICOCHET_BATCH: invalid value '0' for '--batch"),
+        "{err}"
+    );
 }
 
 #[test]

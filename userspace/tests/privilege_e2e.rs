@@ -274,3 +274,27 @@ fn the_unit_passes_systemd_analyze_verify() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn unix_sockets_are_given_to_the_user_who_removes_them_at_exit() {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::MetadataExt;
+    if !require_root("switching to nobody") {
+        return;
+    }
+    // /tmp is sticky and world-writable: the owner of a file there may remove it.
+    let path = format!("/tmp/ricochet-test-{}-user.sock", std::process::id());
+    let spec = format!("unix://{path}");
+    let server = Server::start(&["--listen", &spec, "--user", "nobody"]);
+    assert_eq!(std::fs::metadata(&path).unwrap().uid(), NOBODY);
+    let mut conn = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    conn.write_all(&frame(4)).unwrap();
+    let mut reply = [0u8; 16];
+    conn.read_exact(&mut reply).unwrap();
+    assert_eq!(parse_reply(&reply), 4);
+    drop(conn);
+    let (ok, output) = server.terminate();
+    assert!(ok, "{output}");
+    assert!(!Path::new(&path).exists(), "{path} was left behind");
+}

@@ -20,8 +20,9 @@ use anyhow::{bail, Context, Result};
 use nix::sys::signal::Signal;
 use sd_notify::NotifyState;
 
-use crate::http::{AppState, HttpServer};
-use crate::privilege::Lockdown;
+use crate::http::{AppState, HttpBound, HttpListen, HttpServer};
+use crate::privilege::{Dropped, Lockdown};
+use crate::spec::Transport;
 use crate::sys;
 pub use args::{Mode, ServeArgs};
 pub use config::Config;
@@ -33,19 +34,7 @@ pub fn run(settings: Settings) -> Result<()> {
         return Ok(report::print(&settings.to_toml())?);
     }
     let config = Config::resolve(settings)?;
-    let lockdown = Lockdown::plan(config.user.as_deref(), config.mlock)?;
-    prepare_process(&config)?;
-    let paths = Datapaths::start(&config, &lockdown)?;
-    let http = match &config.http {
-        Some(plan) => Some(publish::bind_http(&config, plan)?),
-        None => None,
-    };
-    // Set-up is over: the packet workers dropped their privileges, the main thread does now, and
-    // the HTTP threads it starts next inherit that.
-    let dropped = lockdown
-        .finish()
-        .context("cannot drop privileges after set-up")?;
-    tracing::info!("{dropped}");
+    let (paths, http, dropped) = set_up(&config)?;
     let state = publish::app_state(&config, &paths, &dropped);
     let http = match http {
         Some(bound) => Some(bound.serve(state.clone())?),
@@ -67,6 +56,33 @@ pub fn run(settings: Settings) -> Result<()> {
         (Ending::Signal, true) => Ok(()),
         (ending, _) => bail!("{}: {}", ending.failure(), report.errors.join("; ")),
     }
+}
+
+/// Everything that needs privileges: the datapaths and the HTTP listener. Then every thread drops
+/// them: the packet workers already did after their own set-up, the main thread does here, and the
+/// HTTP threads started next inherit that.
+fn set_up(config: &Config) -> Result<(Datapaths, Option<HttpBound>, Dropped)> {
+    let lockdown = Lockdown::plan(config.user.as_deref(), config.mlock)?;
+    prepare_process(config)?;
+    let paths = Datapaths::start(config, &lockdown)?;
+    let http = match &config.http {
+        Some(plan) => Some(publish::bind_http(config, plan)?),
+        None => None,
+    };
+    let sockets = paths.bound.iter().filter_map(|spec| match &spec.transport {
+        Transport::Unix(path) => Some(path.as_path()),
+        _ => None,
+    });
+    let http_socket = http.as_ref().and_then(|h| match &h.bound {
+        HttpListen::Unix(path) => Some(path.as_path()),
+        HttpListen::Tcp(_) => None,
+    });
+    lockdown.hand_over(sockets.chain(http_socket))?;
+    let dropped = lockdown
+        .finish()
+        .context("cannot drop privileges after set-up")?;
+    tracing::info!("{dropped}");
+    Ok((paths, http, dropped))
 }
 
 /// Tells systemd (`Type=notify`, through `$NOTIFY_SOCKET`) where start-up or shutdown stands; without

@@ -45,6 +45,21 @@ pub fn with_environment(serve: Command) -> Command {
     })
 }
 
+/// The environment variable behind a bad value clap refused, when the value came from one and not
+/// from the command line (clap's message names only the flag).
+pub fn blame_environment(serve: &Command, error: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(flag)) = error.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let long = flag.strip_prefix("--")?.split([' ', '=']).next()?;
+    let arg = serve.get_arguments().find(|a| a.get_long() == Some(long))?;
+    let on_command_line =
+        std::env::args().any(|a| a == format!("--{long}") || a.starts_with(&format!("--{long}=")));
+    let name = arg.get_env()?.to_string_lossy().into_owned();
+    (std::env::var_os(&name).is_some() && !on_command_line).then_some(name)
+}
+
 /// Where one setting's value came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
