@@ -71,6 +71,9 @@ pub fn start(
                 let set_up = place(index, cpu, scheduling).and_then(|()| lockdown.enter());
                 let failed = set_up.as_ref().err().map(|e| format!("{e:#}"));
                 let _ = ready.send(set_up);
+                // A worker that dies before this line drops its sender too: start-up never waits
+                // for a message that cannot come.
+                drop(ready);
                 match failed {
                     Some(e) => Err(anyhow::anyhow!(e)),
                     None => worker
@@ -86,6 +89,7 @@ pub fn start(
             handle,
         });
     }
+    drop(ready);
     for _ in 0..workers.0.len() {
         placed
             .recv()
