@@ -138,20 +138,21 @@ EOF
 port_of() { if [ "$1" = nginx ]; then echo "$PORT_N"; else echo "$PORT_R"; fi; }
 pid_of() { if [ "$1" = nginx ]; then echo "$NWORKER"; else echo "$RPID"; fi; }
 
-# cpu_ticks PID: utime + stime of every thread of PID, in clock ticks (fields 14 and 15 of
+# cpu_times PID: "UTIME STIME" of every thread of PID together, in clock ticks (fields 14 and 15 of
 # /proc/PID/stat, counted after the parenthesised command name, which may hold spaces).
-cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+cpu_times() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12, $13}'; }
 
 # measured FILE SERVER CMD...: runs a client command (output to FILE.txt) and writes FILE.json with the
-# serving process's CPU ticks before and after it.
+# serving process's CPU times before and after it.
 measured() {
     local file="$1" server="$2" pid before after
     shift 2
     pid=$(pid_of "$server")
-    before=$(cpu_ticks "$pid")
+    read -ra before <<<"$(cpu_times "$pid")"
     "$@" >"$file.txt" 2>&1
-    after=$(cpu_ticks "$pid")
-    echo "{\"server\": \"$server\", \"pid\": $pid, \"clk_tck\": $CLK_TCK, \"ticks_before\": $before, \"ticks_after\": $after}" >"$file.json"
+    read -ra after <<<"$(cpu_times "$pid")"
+    printf '{"server": "%s", "pid": %s, "clk_tck": %s, "utime_before": %s, "stime_before": %s, "utime_after": %s, "stime_after": %s}\n' \
+        "$server" "$pid" "$CLK_TCK" "${before[0]}" "${before[1]}" "${after[0]}" "${after[1]}" >"$file.json"
 }
 
 # (a) Latency and plain requests/s, not pipelined.
