@@ -45,15 +45,11 @@ fn exit_on_parse_error(command: &clap::Command, e: clap::Error) -> ! {
 }
 
 /// `serve` with its configuration file merged under the flags and environment.
-fn serve(command: &mut clap::Command, matches: &ArgMatches) -> anyhow::Result<()> {
-    let serve = command
-        .find_subcommand_mut("serve")
-        .expect("serve is a subcommand");
+fn serve(matches: &ArgMatches) -> anyhow::Result<()> {
     let given = matches
         .subcommand_matches("serve")
         .expect("serve was parsed");
-    let settings = ricochet::serve::Settings::load(serve, given)?;
-    ricochet::serve::run(settings)
+    ricochet::serve::run(ricochet::serve::Settings::load(given)?)
 }
 
 fn main() -> ExitCode {
@@ -64,14 +60,16 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pprof=warn")),
         )
         .init();
-    let mut command =
-        Cli::command().mut_subcommand("serve", ricochet::serve::settings::with_environment);
+    use ricochet::serve::settings;
+    let mut command = Cli::command().mut_subcommand("serve", |serve| {
+        settings::relaxed(settings::with_environment(serve))
+    });
     let matches = command
         .try_get_matches_from_mut(std::env::args_os())
         .unwrap_or_else(|e| exit_on_parse_error(&command, e));
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
-        Command::Serve(_) => serve(&mut command, &matches),
+        Command::Serve(_) => serve(&matches),
         Command::Bench(args) => ricochet::bench::run(args),
         Command::Hw { command } => ricochet::hw::run(command),
     };

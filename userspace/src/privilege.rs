@@ -50,6 +50,9 @@ pub struct Dropped {
     pub uid: u32,
     pub gid: u32,
     pub no_new_privs: bool,
+    /// Whether the bounding set was emptied too (it takes `CAP_SETPCAP`, which a process started
+    /// without it cannot do).
+    pub bounding_emptied: bool,
     pub threads: usize,
 }
 
@@ -72,6 +75,9 @@ impl fmt::Display for Dropped {
                 user.name, user.uid, user.gid
             )?,
             None => write!(f, "; running as uid {}, gid {}", self.uid, self.gid)?,
+        }
+        if !self.bounding_emptied {
+            f.write_str("; bounding set left as it was (no CAP_SETPCAP)")?;
         }
         f.write_str("; no_new_privs set")
     }
@@ -155,6 +161,7 @@ impl Lockdown {
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
             no_new_privs: true,
+            bounding_emptied: self.bounding,
             threads,
         })
     }
@@ -171,8 +178,8 @@ impl Lockdown {
             };
             let creds = ThreadCreds::parse(&status)
                 .ok_or_else(|| anyhow!("cannot parse {}", dir.join("status").display()))?;
-            let uid = self.account.as_ref().map(|a| a.uid);
-            if let Some(what) = creds.excess(keep, self.bounding, uid) {
+            let ids = self.account.as_ref().map(|a| (a.uid, a.gid));
+            if let Some(what) = creds.excess(keep, self.bounding, ids) {
                 bail!(
                     "thread {} ({}) {what} after the privilege drop",
                     creds.name,
@@ -183,6 +190,35 @@ impl Lockdown {
         }
         Ok(threads)
     }
+}
+
+/// After the drop, the bypass datapaths still read the XDP program's statistics map through its
+/// descriptor, and they rely on the program's BPF link detaching it when the descriptor closes at
+/// exit. Linux before 5.9 has no XDP links (detaching would need `CAP_NET_ADMIN`), and before 5.19
+/// refuses every `bpf()` call from a process without `CAP_BPF` while
+/// `kernel.unprivileged_bpf_disabled` is set. Refuse such a kernel at start-up, not at the first read.
+pub fn check_bypass_kernel() -> Result<()> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .context("cannot read /proc/sys/kernel/osrelease")?;
+    let version = kernel_version(&release)
+        .ok_or_else(|| anyhow!("cannot parse the kernel release '{}'", release.trim()))?;
+    let release = release.trim();
+    if version < (5, 9) {
+        bail!("Linux {release} has no XDP links: the bypass modes need 5.9 or later");
+    }
+    let disabled = std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled");
+    let disabled = disabled.is_ok_and(|v| v.trim() != "0");
+    if version < (5, 19) && disabled {
+        bail!("Linux {release} refuses BPF map reads from a process without CAP_BPF while kernel.unprivileged_bpf_disabled is set, and ricochet drops CAP_BPF once set up: the bypass modes need 5.19 or later here");
+    }
+    Ok(())
+}
+
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
 }
 
 fn account(name: &str, permitted: &CapsHashSet) -> Result<Account> {
@@ -203,6 +239,13 @@ fn account(name: &str, permitted: &CapsHashSet) -> Result<Account> {
     })
 }
 
+fn ids(value: &str) -> Vec<u32> {
+    value
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect()
+}
+
 fn mask(set: &CapsHashSet) -> u64 {
     set.iter().fold(0, |m, cap| m | cap.bitmask())
 }
@@ -212,6 +255,8 @@ fn mask(set: &CapsHashSet) -> u64 {
 pub struct ThreadCreds {
     pub name: String,
     pub uids: [u32; 4],
+    pub gids: [u32; 4],
+    pub groups: Vec<u32>,
     pub inheritable: u64,
     pub permitted: u64,
     pub effective: u64,
@@ -232,13 +277,9 @@ impl ThreadCreds {
             let hex = || u64::from_str_radix(value, 16).ok();
             match key {
                 "Name" => c.name = value.to_string(),
-                "Uid" => {
-                    let ids: Vec<u32> = value
-                        .split_whitespace()
-                        .filter_map(|v| v.parse().ok())
-                        .collect();
-                    c.uids = ids.try_into().ok()?;
-                }
+                "Uid" => c.uids = ids(value).try_into().ok()?,
+                "Gid" => c.gids = ids(value).try_into().ok()?,
+                "Groups" => c.groups = ids(value),
                 "CapInh" => c.inheritable = hex()?,
                 "CapPrm" => c.permitted = hex()?,
                 "CapEff" => c.effective = hex()?,
@@ -249,11 +290,12 @@ impl ThreadCreds {
             }
             seen.insert(key);
         }
-        (seen.len() == 8).then_some(c)
+        (seen.len() == 10).then_some(c)
     }
 
-    /// What this thread holds beyond `keep` (or lacks), if anything.
-    fn excess(&self, keep: u64, bounding: bool, uid: Option<u32>) -> Option<String> {
+    /// What this thread holds beyond `keep` (or lacks), if anything; `ids` is the user and group it
+    /// must run as (and its only group).
+    fn excess(&self, keep: u64, bounding: bool, ids: Option<(u32, u32)>) -> Option<String> {
         let sets = [
             ("CapPrm", self.permitted),
             ("CapEff", self.effective),
@@ -271,12 +313,17 @@ impl ThreadCreds {
         if !self.no_new_privs {
             return Some("has no no_new_privs".into());
         }
-        match uid {
-            Some(uid) if self.uids.iter().any(|&u| u != uid) => {
-                Some(format!("runs as uids {:?}, not {uid}", self.uids))
-            }
-            _ => None,
+        let (uid, gid) = ids?;
+        if self.uids.iter().any(|&u| u != uid) {
+            return Some(format!("runs as uids {:?}, not {uid}", self.uids));
         }
+        if self.gids.iter().any(|&g| g != gid) || self.groups.iter().any(|&g| g != gid) {
+            return Some(format!(
+                "runs as gids {:?} groups {:?}, not {gid}",
+                self.gids, self.groups
+            ));
+        }
+        None
     }
 }
 
@@ -285,6 +332,7 @@ mod test {
     use super::*;
 
     const STATUS: &str = "Name:\tkernel-0\nUmask:\t0022\nUid:\t65534\t65534\t65534\t65534\n\
+        Gid:\t65534\t65534\t65534\t65534\nGroups:\t65534 \n\
         NoNewPrivs:\t1\nCapInh:\t0000000000000000\nCapPrm:\t0000000000004000\n\
         CapEff:\t0000000000004000\nCapBnd:\t0000000000004000\nCapAmb:\t0000000000000000\n";
 
@@ -294,11 +342,13 @@ mod test {
         assert_eq!(c.name, "kernel-0");
         let ipc_lock = Capability::CAP_IPC_LOCK.bitmask();
         assert_eq!(c.permitted, ipc_lock);
-        assert_eq!(c.excess(ipc_lock, true, Some(65534)), None);
-        let e = c.excess(0, true, Some(65534)).unwrap();
+        assert_eq!(c.excess(ipc_lock, true, Some((65534, 65534))), None);
+        let e = c.excess(0, true, Some((65534, 65534))).unwrap();
         assert!(e.contains("CapPrm"), "{e}");
-        let e = c.excess(ipc_lock, true, Some(0)).unwrap();
+        let e = c.excess(ipc_lock, true, Some((0, 65534))).unwrap();
         assert!(e.contains("uids"), "{e}");
+        let e = c.excess(ipc_lock, true, Some((65534, 0))).unwrap();
+        assert!(e.contains("gids"), "{e}");
         let open = ThreadCreds {
             no_new_privs: false,
             ..ThreadCreds::parse(STATUS).unwrap()
@@ -307,6 +357,15 @@ mod test {
             .excess(ipc_lock, true, None)
             .unwrap()
             .contains("no_new_privs"));
+    }
+
+    #[test]
+    fn kernel_releases_parse_to_major_and_minor() {
+        assert_eq!(kernel_version("6.18.0-1-amd64\n"), Some((6, 18)));
+        assert_eq!(kernel_version("5.15.0"), Some((5, 15)));
+        assert_eq!(kernel_version("5.4-rc1"), Some((5, 4)));
+        assert_eq!(kernel_version("garbage"), None);
+        assert!((5, 15) < (5, 19) && (6, 1) > (5, 19));
     }
 
     #[test]

@@ -13,7 +13,14 @@ use std::time::Duration;
 use common::{final_counter, frame, parse_reply, temp_path, Server, BIN};
 
 fn serve(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
-    let out = Command::new(BIN)
+    let mut command = Command::new(BIN);
+    // Only the variables a test sets: none inherited from whoever runs the tests.
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("RICOCHET_") {
+            command.env_remove(name);
+        }
+    }
+    let out = command
         .arg("serve")
         .args(args)
         .envs(env.iter().copied())
@@ -120,8 +127,14 @@ fn bad_files_name_the_key_and_line_and_exit_non_zero() {
             "listen = []\nmax-datagram = 10\n",
             ":2: key 'max-datagram': invalid value '10'",
         ),
-        ("mlock = 1\n", ":1: key 'mlock': is a switch"),
-        ("batch = true\n", ":1: key 'batch': is not a switch"),
+        (
+            "mlock = 1\n",
+            ":1: key 'mlock': invalid value '1' for '--mlock",
+        ),
+        (
+            "batch = true\n",
+            ":1: key 'batch': invalid value 'true' for '--batch",
+        ),
         ("mode = [\"xdp\"]\n", ":1: key 'mode': takes one value"),
         ("mode = \"fast\"\n", ":1: key 'mode': invalid value 'fast'"),
         (
@@ -190,6 +203,52 @@ fn a_server_configured_by_file_serves_and_shows_its_settings_in_stats() {
     let (ok, output) = server.terminate();
     assert!(ok, "{output}");
     assert_eq!(final_counter(&output), 3);
+}
+
+#[test]
+fn a_flag_may_require_another_from_a_lower_layer_and_undo_a_switch() {
+    let file = write_file(
+        "requires.toml",
+        "busy-poll = 50\nmlock = true\nlisten = []\n",
+    );
+    let env = [("RICOCHET_BUSY_POLL_BUDGET", "32")];
+    let args = [
+        "--config",
+        file.to_str().unwrap(),
+        "--print-config",
+        "--mlock=false",
+    ];
+    let (ok, out, err) = serve(&args, &env);
+    assert!(
+        ok,
+        "busy-poll-budget from the environment, busy-poll from the file: {err}"
+    );
+    let table = printed(&out);
+    assert_eq!(lookup(&table, "busy-poll"), ("50", "file"));
+    assert_eq!(lookup(&table, "busy-poll-budget"), ("32", "environment"));
+    assert_eq!(lookup(&table, "mlock"), ("false", "flag"));
+    // Without busy-poll anywhere, the rule still holds.
+    let (ok, _, err) = serve(&["--print-config"], &env);
+    assert!(!ok && err.contains("--busy-poll"), "{err}");
+}
+
+#[test]
+fn values_that_start_with_a_dash_pass_through_every_layer() {
+    let file = write_file("dash.toml", "http-token = \"-from-the-file\"\n");
+    let args = ["--config", file.to_str().unwrap(), "--print-config"];
+    let (ok, out, err) = serve(&args, &[("RICOCHET_HTTP_TOKEN", "-Zx-token")]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("# http-token = (secret, not shown)  # environment"),
+        "{out}"
+    );
+    let (ok, out, err) = serve(&args, &[]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("# http-token = (secret, not shown)  # file"),
+        "{out}"
+    );
+    assert!(!out.contains("from-the-file") && !err.contains("from-the-file"));
 }
 
 #[test]

@@ -77,14 +77,16 @@ fn check_install(deb: &Path) -> Result<()> {
     let installed = Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", "ricochet"])
         .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("installed"));
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "install ok installed");
     if installed {
         bail!(
             "a ricochet package is already installed here: remove it first (dpkg --purge ricochet)"
         );
     }
-    run(Command::new("dpkg").arg("-i").arg(deb)).context("dpkg -i failed")?;
-    let checked = check_installed(deb);
+    // Whatever happens from here, the package is purged: a failed dpkg -i may leave it half there.
+    let checked = run(Command::new("dpkg").arg("-i").arg(deb))
+        .context("dpkg -i failed")
+        .and_then(|()| check_installed(deb));
     run(Command::new("dpkg").args(["--purge", "ricochet"])).context("dpkg --purge failed")?;
     checked?;
     for file in ["/usr/bin/ricochet", "/etc/ricochet/ricochet.toml"] {

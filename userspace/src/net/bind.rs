@@ -24,7 +24,14 @@ pub struct UnixEndpoint {
 
 impl Drop for UnixEndpoint {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        match std::fs::remove_file(&self.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                // After the privilege drop the directory may not be writable any more: say so (a
+                // stale file is replaced at the next start).
+                tracing::warn!("cannot remove the socket file {}: {e}", self.path.display());
+            }
+            _ => {}
+        }
     }
 }
 

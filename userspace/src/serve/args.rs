@@ -21,7 +21,8 @@ mode_word! {
 }
 
 /// Every flag also reads `RICOCHET_<NAME>` (`--max-datagram`: `RICOCHET_MAX_DATAGRAM`) and a key of
-/// the `--config` file named like the flag (`max-datagram = 2048`); see [`super::settings`].
+/// the `--config` file named like the flag (`max-datagram = 2048`); see [`super::settings`]. Switches
+/// take an optional value (`--mlock`, `--mlock=false`) so that a flag can undo the file.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
     /// A TOML file of settings, one key per flag (its long name: `listen = ["udp://0.0.0.0:7777"]`,
@@ -42,7 +43,8 @@ pub struct ServeArgs {
     /// TRANSPORT udp, tcp or unix; repeat for more listeners. Port 0 picks a free port (the start-up
     /// lines print it). Examples: udp://0.0.0.0:7777, tcp://0.0.0.0:7777, unix:///run/ricochet.sock,
     /// sockperf+udp://0.0.0.0:11111.
-    /// Also `listen = [...]` in the file; the environment variable takes a comma-separated list.
+    /// Also `listen = [...]` in the file; RICOCHET_LISTEN takes a comma-separated list (so a SPEC
+    /// cannot contain a comma).
     #[arg(long = "listen", value_name = "SPEC", value_delimiter = ',')]
     pub listen: Vec<ListenSpec>,
 
@@ -61,7 +63,7 @@ pub struct ServeArgs {
     pub sched_fifo: Option<i32>,
 
     /// Lock all memory (mlockall) so the datapath never takes a page fault from swap.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set, value_name = "BOOL")]
     pub mlock: bool,
 
     /// Datagrams received and answered per batch (recvmmsg/sendmmsg and one counter add).
@@ -102,7 +104,7 @@ pub struct ServeArgs {
     pub ring_size: Option<u32>,
 
     /// Put the UMEM on huge pages (reserve them first: /proc/sys/vm/nr_hugepages).
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set, value_name = "BOOL")]
     pub huge_pages: bool,
 
     /// SO_BUSY_POLL microseconds (with SO_PREFER_BUSY_POLL) on the AF_XDP sockets; effective on
@@ -115,7 +117,7 @@ pub struct ServeArgs {
     pub busy_poll_budget: Option<u32>,
 
     /// Replace an XDP program someone else attached to the interface.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, default_value_t = false, default_missing_value = "true", action = clap::ArgAction::Set, value_name = "BOOL")]
     pub force: bool,
 
     /// A hardware profile (hw-profiles/*.toml): interface, queues, worker CPUs, XDP and zero-copy modes,

@@ -21,7 +21,7 @@ use nix::sys::signal::Signal;
 use sd_notify::NotifyState;
 
 use crate::http::{AppState, HttpBound, HttpListen, HttpServer};
-use crate::privilege::{Dropped, Lockdown};
+use crate::privilege::{self, Dropped, Lockdown};
 use crate::spec::Transport;
 use crate::sys;
 pub use args::{Mode, ServeArgs};
@@ -63,6 +63,9 @@ pub fn run(settings: Settings) -> Result<()> {
 /// HTTP threads started next inherit that.
 fn set_up(config: &Config) -> Result<(Datapaths, Option<HttpBound>, Dropped)> {
     let lockdown = Lockdown::plan(config.user.as_deref(), config.mlock)?;
+    if config.bypass.is_some() {
+        privilege::check_bypass_kernel()?;
+    }
     prepare_process(config)?;
     let paths = Datapaths::start(config, &lockdown)?;
     let http = match &config.http {
@@ -82,6 +85,9 @@ fn set_up(config: &Config) -> Result<(Datapaths, Option<HttpBound>, Dropped)> {
         .finish()
         .context("cannot drop privileges after set-up")?;
     tracing::info!("{dropped}");
+    if dropped.uid == 0 {
+        tracing::warn!("still uid 0 (with no capability): root's files stay writable to this process; pass --user NAME, or run it from the systemd unit, which gives it its own user");
+    }
     Ok((paths, http, dropped))
 }
 

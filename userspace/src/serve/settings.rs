@@ -54,10 +54,24 @@ pub fn blame_environment(serve: &Command, error: &clap::Error) -> Option<String>
     };
     let long = flag.strip_prefix("--")?.split([' ', '=']).next()?;
     let arg = serve.get_arguments().find(|a| a.get_long() == Some(long))?;
-    let on_command_line =
-        std::env::args().any(|a| a == format!("--{long}") || a.starts_with(&format!("--{long}=")));
+    let on_command_line = std::env::args_os().any(|a| {
+        let a = a.to_string_lossy();
+        a == format!("--{long}") || a.starts_with(&format!("--{long}="))
+    });
     let name = arg.get_env()?.to_string_lossy().into_owned();
     (std::env::var_os(&name).is_some() && !on_command_line).then_some(name)
+}
+
+/// The command for the first parse (flags and environment, before the file is read): no flag may
+/// require another yet, as the file may supply it. The merged parse checks those rules.
+pub fn relaxed(serve: Command) -> Command {
+    serve.mut_args(|arg| arg.requires(Resettable::<clap::Id>::Reset))
+}
+
+/// `serve`'s full command with its environment variables: the one the merged parse uses.
+pub fn strict() -> Command {
+    use clap::Args;
+    with_environment(ServeArgs::augment_args(Command::new("serve")))
 }
 
 /// Where one setting's value came from.
@@ -104,7 +118,8 @@ pub struct Settings {
 impl Settings {
     /// Merges the file named by `--config` (or `RICOCHET_CONFIG`) under the flags and environment
     /// already in `matches` (from a command built with [`with_environment`]).
-    pub fn load(serve: &Command, matches: &ArgMatches) -> Result<Settings> {
+    pub fn load(matches: &ArgMatches) -> Result<Settings> {
+        let serve = &strict();
         let from_file = match matches.get_one::<std::path::PathBuf>("config") {
             Some(path) => file_arguments(serve, matches, path)?,
             None => Vec::new(),
@@ -163,22 +178,23 @@ fn given_arguments(serve: &Command, matches: &ArgMatches) -> Vec<OsString> {
     argv
 }
 
-/// `--long VALUE` per value, or `--long` for a flag that is on.
+/// `--long=VALUE` per value (one argument, so a value may start with '-'), or `--long` for a
+/// switch without a value that is on.
 fn as_arguments(
     action: &ArgAction,
     long: &str,
     values: impl Iterator<Item = OsString>,
 ) -> Vec<OsString> {
-    let flag = OsString::from(format!("--{long}"));
     let mut out = Vec::new();
     for value in values {
         if matches!(action, ArgAction::SetTrue) {
             if value == "true" {
-                out.push(flag.clone());
+                out.push(OsString::from(format!("--{long}")));
             }
         } else {
-            out.push(flag.clone());
-            out.push(value);
+            let mut arg = OsString::from(format!("--{long}="));
+            arg.push(value);
+            out.push(arg);
         }
     }
     out
@@ -240,14 +256,14 @@ fn file_values(arg: &clap::Arg, value: &toml::de::DeValue<'_>) -> Result<Vec<OsS
     }
 }
 
+/// A TOML scalar as the string its flag's value parser checks (which rejects `true` for a number).
 fn scalar(value: &toml::de::DeValue<'_>, flag: bool) -> Result<OsString> {
     use toml::de::DeValue;
     Ok(match value {
-        DeValue::Boolean(b) if flag => b.to_string().into(),
+        DeValue::Boolean(b) => b.to_string().into(),
         _ if flag => bail!("is a switch: write true or false"),
         DeValue::String(s) => s.to_string().into(),
         DeValue::Integer(i) if i.radix() == 10 => i.as_str().replace('_', "").into(),
-        DeValue::Boolean(_) => bail!("is not a switch: give it a value"),
         other => bail!("a {} is not a value it takes", other.type_str()),
     })
 }
@@ -323,8 +339,9 @@ fn effective(
 /// Raw values as TOML: a switch as a boolean, a repeatable flag as an array, decimal numbers as
 /// integers and the rest as strings (all of which the file takes back).
 fn as_toml(action: &ArgAction, raw: Vec<String>) -> toml::Value {
-    let one = |s: String| match s.parse::<i64>() {
-        Ok(n) if n.to_string() == s => toml::Value::Integer(n),
+    let one = |s: String| match (s.parse::<i64>(), s.as_str()) {
+        (Ok(n), _) if n.to_string() == s => toml::Value::Integer(n),
+        (_, "true" | "false") => toml::Value::Boolean(s == "true"),
         _ => toml::Value::String(s),
     };
     match action {
