@@ -211,11 +211,7 @@ idle_runs() {
         log_cmd "$RICOCHET bench tcp://127.0.0.1:$port --connections $IDLE --hold 600s --sources 127.0.0.2,127.0.0.3"
         "$RICOCHET" bench "tcp://127.0.0.1:$port" --connections "$IDLE" --hold 600s --sources 127.0.0.2,127.0.0.3 >/dev/null 2>&1 &
         hold=$!
-        for _ in $(seq 300); do
-            n=$(ss -Htn state established "( sport = :$port )" | wc -l)
-            [ "$n" -ge "$IDLE" ] && break
-            sleep 0.1
-        done
+        n=$(wait_established "$port" "$IDLE")
         sleep 1
         after=$(rss_kib "$pid")
         kill "$hold"

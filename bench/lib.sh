@@ -67,3 +67,15 @@ stop_server() {
 
 # rss_kib PID: the resident set size of a process, in KiB.
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+# wait_established PORT N: waits (at most 2 minutes) until N TCP connections to local PORT are
+# established, then prints how many there are.
+wait_established() {
+    local port=$1 want=$2 n=0
+    for _ in $(seq 600); do
+        n=$(ss -Htn state established "( sport = :$port )" | wc -l)
+        [ "$n" -ge "$want" ] && break
+        sleep 0.2
+    done
+    echo "$n"
+}

@@ -201,12 +201,7 @@ while [ "$remaining" -gt 0 ]; do
     PIDS+=($!)
     remaining=$((remaining - n))
 done
-established=0
-for _ in $(seq 600); do
-    established=$(ss -Htn state established "( sport = :$port )" | wc -l)
-    [ "$established" -ge "$conns" ] && break
-    sleep 0.2
-done
+established=$(wait_established "$port" "$conns")
 sleep 1
 rss1=$(rss_kib "$SERVER_PID"); slab1=$(kernel_kib)
 for pid in "${client_pids[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done

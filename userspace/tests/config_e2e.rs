@@ -4,13 +4,12 @@
 
 mod common;
 
-use std::io::{BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{final_counter, frame, parse_reply, temp_path, Server, BIN};
+use common::{final_counter, frame, http_get, parse_reply, temp_path, Server, BIN};
 
 fn serve(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let mut command = Command::new(BIN);
@@ -193,7 +192,9 @@ fn a_server_configured_by_file_serves_and_shows_its_settings_in_stats() {
         .trim_start_matches("http+http://")
         .parse()
         .unwrap();
-    let stats: serde_json::Value = serde_json::from_str(&http_get(http, "/stats")).unwrap();
+    let (status, body) = http_get(http, "/stats");
+    assert_eq!(status, 200, "{body}");
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
     let settings = stats["config"]["settings"].as_array().unwrap();
     let find = |key: &str| settings.iter().find(|s| s["key"] == key).unwrap().clone();
     assert_eq!(find("max-datagram")["value"], 1024);
@@ -274,18 +275,4 @@ fn the_deployment_example_is_a_valid_configuration() {
     let table = printed(&out);
     assert_eq!(lookup(&table, "mode").1, "file");
     assert_eq!(lookup(&table, "iface").1, "file");
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut conn = TcpStream::connect(addr).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        conn,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut reply = String::new();
-    BufReader::new(conn).read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
-    reply.split_once("\r\n\r\n").unwrap().1.to_string()
 }

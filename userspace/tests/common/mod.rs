@@ -1,7 +1,7 @@
 //! Test helpers: run `ricochet serve` as a child process, read the addresses it bound, stop it.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::net::UdpSocket;
 use std::path::PathBuf;
@@ -605,4 +605,21 @@ pub fn port_zero_is_never_applied(lab: &LabNet) {
     })
     .join()
     .unwrap();
+}
+
+/// GET `path` on a fresh connection: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut conn = std::net::TcpStream::connect(addr)
+        .unwrap_or_else(|e| panic!("GET {path}: cannot connect to {addr}: {e}"));
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    BufReader::new(conn).read_to_string(&mut reply).unwrap();
+    let status = reply[9..12].parse().unwrap();
+    let body = reply.split_once("\r\n\r\n").unwrap().1.to_string();
+    (status, body)
 }
