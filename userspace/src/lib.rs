@@ -18,6 +18,7 @@
 pub mod afxdp;
 pub mod bench;
 pub mod core;
+pub mod durable;
 pub mod fuzzing;
 pub mod http;
 pub mod hw;

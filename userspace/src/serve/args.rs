@@ -161,6 +161,21 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub http_workers: Option<u16>,
 
+    /// Keep the counter durable in this directory: it survives a crash of the process exactly and
+    /// of the machine up to --sync-interval (see the README). Without it the counter starts at 0.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// How often the counter is snapshotted (with fsync) into --state-dir, e.g. 100ms.
+    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = duration_in(Duration::from_millis(1), Duration::from_secs(60)))]
+    pub sync_interval: Duration,
+
+    /// The bpffs where xdp mode pins the counter map with --state-dir (mounted if it is the default
+    /// and nothing is mounted there). The pin must outlive the process: under `ip netns exec`, which
+    /// remounts /sys, give a bpffs of the host.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
+
     /// Once set up, switch to this user (and its group); the capabilities set-up needed are dropped
     /// with or without it. Needs root.
     #[arg(long, value_name = "NAME")]

@@ -36,8 +36,20 @@ pub struct Config {
     pub profile: Option<PathBuf>,
     /// The user to switch to after set-up.
     pub user: Option<String>,
+    /// `--state-dir`: where the counter is kept durable, and how often it is snapshotted.
+    pub state: Option<StatePlan>,
     /// Every setting with its value and where it came from (flag, environment, file, default).
     pub settings: Vec<Setting>,
+}
+
+/// The durable counter's directory and snapshot period.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StatePlan {
+    pub dir: PathBuf,
+    /// Where xdp mode pins the counter map.
+    pub bpffs: PathBuf,
+    #[serde(serialize_with = "as_text")]
+    pub sync_interval: DurationText,
 }
 
 /// The interface, the XDP program's attachment and, in afxdp mode, the sockets.
@@ -123,6 +135,11 @@ impl Config {
             mlock: args.mlock,
             profile: args.profile,
             user: args.user,
+            state: args.state_dir.map(|dir| StatePlan {
+                dir,
+                bpffs: args.bpffs,
+                sync_interval: DurationText(args.sync_interval),
+            }),
             settings: settings.table,
         })
     }

@@ -7,15 +7,17 @@ use std::mem;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use super::config::Config;
 use super::report::Report;
+use super::state::CounterState;
 use crate::afxdp::{self, AfXdpDatapath, AfxdpPlan};
 use crate::core::{Counter, LocalCounter};
 use crate::kernel::{self, KernelWorker};
 use crate::privilege::Lockdown;
 use crate::spec::ListenSpec;
+use crate::xdp::counter::MappedCounter;
 use crate::xdp::{AttachedMode, ProgramKind, XdpProgram};
 
 /// The datapath beside the kernel path, if any.
@@ -39,7 +41,13 @@ pub struct Datapaths {
 impl Datapaths {
     /// Starts the kernel workers, then the bypass datapath of the mode.
     /// Every worker drops its privileges (`lockdown`) once its own set-up is done.
-    pub fn start(config: &Config, lockdown: &Lockdown) -> Result<Datapaths> {
+    /// With a state directory the counter resumes from its recovered value: in the live file's
+    /// mapping (kernel and afxdp modes) or in the responder's map, pinned (xdp mode).
+    pub fn start(
+        config: &Config,
+        lockdown: &Lockdown,
+        state: Option<&CounterState>,
+    ) -> Result<Datapaths> {
         // In xdp mode the counter lives in the program's BPF_F_MMAPABLE map, shared by both paths.
         let responder = match &config.bypass {
             Some(bypass) if bypass.afxdp.is_none() => Some(XdpProgram::load(
@@ -48,10 +56,20 @@ impl Datapaths {
             )?),
             _ => None,
         };
-        let counter: Arc<dyn Counter> = match &responder {
-            Some(program) => Arc::new(program.counter()?),
-            None => Arc::new(LocalCounter::new(0)),
+        let live_file = state.and_then(|s| s.live_file.as_ref());
+        let counter: Arc<dyn Counter> = match (&responder, live_file) {
+            (Some(program), _) => Arc::new(program.counter()?),
+            (None, Some(file)) => {
+                Arc::new(MappedCounter::map(file).context("cannot map the live counter file")?)
+            }
+            (None, None) => Arc::new(LocalCounter::new(0)),
         };
+        if let Some(state) = state {
+            state.seed(counter.as_ref());
+            if let (Some(program), Some(pin)) = (&responder, &state.pin) {
+                program.pin_counter(pin)?;
+            }
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let (kernel, bound) = kernel::start(
             &config.listen,

@@ -12,6 +12,7 @@ mod datapaths;
 mod publish;
 mod report;
 pub mod settings;
+mod state;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -28,59 +29,54 @@ pub use args::{Mode, ServeArgs};
 pub use config::Config;
 use datapaths::Datapaths;
 pub use settings::Settings;
+use state::CounterState;
 
 pub fn run(settings: Settings) -> Result<()> {
     if settings.args.print_config {
         return Ok(report::print(&settings.to_toml())?);
     }
     let config = Config::resolve(settings)?;
-    let (paths, http, dropped) = set_up(&config)?;
-    let state = publish::app_state(&config, &paths, &dropped);
-    let http = match http {
-        Some(bound) => Some(bound.serve(state.clone())?),
-        None => None,
-    };
-    report::print(&report::ready_text(&config, &paths, http.as_ref()))?;
-    notify_service_manager(&[NotifyState::Ready, NotifyState::Status("serving")]);
-    let ending = supervise(&paths, &state, http.as_ref());
-    notify_service_manager(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
-    // Shutdown: the endpoints first (they finish requests in flight), then the datapaths.
-    state.readiness.stopping.store(true, Ordering::Relaxed);
-    if let Some(server) = http {
-        server.shutdown();
-    }
-    drop(state);
-    let report = paths.finish();
-    report::print(&report.render(""))?;
-    match (ending, report.errors.is_empty()) {
-        (Ending::Signal, true) => Ok(()),
-        (ending, _) => bail!("{}: {}", ending.failure(), report.errors.join("; ")),
-    }
+    let set_up = set_up(&config)?;
+    serve(&config, set_up)
 }
 
-/// Everything that needs privileges: the datapaths and the HTTP listener. Then every thread drops
-/// them: the packet workers already did after their own set-up, the main thread does here, and the
-/// HTTP threads started next inherit that.
-fn set_up(config: &Config) -> Result<(Datapaths, Option<HttpBound>, Dropped)> {
+/// What set-up leaves for serving.
+struct SetUp {
+    paths: Datapaths,
+    http: Option<HttpBound>,
+    dropped: Dropped,
+    counter_state: Option<CounterState>,
+}
+
+/// Everything that needs privileges: the state directory, the datapaths and the HTTP listener.
+/// Then every thread drops them: the packet workers already did after their own set-up, the main
+/// thread does here, and the threads started next inherit that.
+fn set_up(config: &Config) -> Result<SetUp> {
     let lockdown = Lockdown::plan(config.user.as_deref(), config.mlock)?;
     if config.bypass.is_some() {
         privilege::check_bypass_kernel()?;
     }
     prepare_process(config)?;
-    let paths = Datapaths::start(config, &lockdown)?;
+    let counter_state = match &config.state {
+        Some(plan) => Some(CounterState::open(plan, config.mode)?),
+        None => None,
+    };
+    let paths = Datapaths::start(config, &lockdown, counter_state.as_ref())?;
     let http = match &config.http {
         Some(plan) => Some(publish::bind_http(config, plan)?),
         None => None,
     };
     let sockets = paths.bound.iter().filter_map(|spec| match &spec.transport {
-        Transport::Unix(path) => Some(path.as_path()),
+        Transport::Unix(path) => Some(path.to_path_buf()),
         _ => None,
     });
     let http_socket = http.as_ref().and_then(|h| match &h.bound {
-        HttpListen::Unix(path) => Some(path.as_path()),
+        HttpListen::Unix(path) => Some(path.to_path_buf()),
         HttpListen::Tcp(_) => None,
     });
-    lockdown.hand_over(sockets.chain(http_socket))?;
+    let state_files = counter_state.iter().flat_map(|s| s.dir.files());
+    let owned: Vec<_> = sockets.chain(http_socket).chain(state_files).collect();
+    lockdown.hand_over(owned.iter().map(|p| p.as_path()))?;
     let dropped = lockdown
         .finish()
         .context("cannot drop privileges after set-up")?;
@@ -88,7 +84,53 @@ fn set_up(config: &Config) -> Result<(Datapaths, Option<HttpBound>, Dropped)> {
     if dropped.uid == 0 {
         tracing::warn!("still uid 0 (with no capability): root's files stay writable to this process; pass --user NAME, or run it from the systemd unit, which gives it its own user");
     }
-    Ok((paths, http, dropped))
+    Ok(SetUp {
+        paths,
+        http,
+        dropped,
+        counter_state,
+    })
+}
+
+/// Serves until stopped, then shuts down in order and reports.
+fn serve(config: &Config, set_up: SetUp) -> Result<()> {
+    let SetUp {
+        paths,
+        http,
+        dropped,
+        counter_state,
+    } = set_up;
+    let interval = config
+        .state
+        .as_ref()
+        .map_or(Duration::ZERO, |s| s.sync_interval.0);
+    let view = counter_state.as_ref().map(|s| s.view(interval));
+    let state = publish::app_state(config, &paths, &dropped, view);
+    let syncer = counter_state.map(|s| s.start_syncer(paths.counter.clone(), interval));
+    let http = match http {
+        Some(bound) => Some(bound.serve(state.clone())?),
+        None => None,
+    };
+    report::print(&report::ready_text(config, &paths, http.as_ref()))?;
+    notify_service_manager(&[NotifyState::Ready, NotifyState::Status("serving")]);
+    let ending = supervise(&paths, &state, http.as_ref());
+    notify_service_manager(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    // Shutdown: the endpoints first (they finish requests in flight), then the datapaths, then the
+    // final value is made durable.
+    state.readiness.stopping.store(true, Ordering::Relaxed);
+    if let Some(server) = http {
+        server.shutdown();
+    }
+    drop(state);
+    let mut report = paths.finish();
+    if let Some(Err(e)) = syncer.map(|s| s.finish(report.final_counter)) {
+        report.errors.push(format!("{e:#}"));
+    }
+    report::print(&report.render(""))?;
+    match (ending, report.errors.is_empty()) {
+        (Ending::Signal, true) => Ok(()),
+        (ending, _) => bail!("{}: {}", ending.failure(), report.errors.join("; ")),
+    }
 }
 
 /// Tells systemd (`Type=notify`, through `$NOTIFY_SOCKET`) where start-up or shutdown stands; without

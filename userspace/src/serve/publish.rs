@@ -9,6 +9,7 @@ use anyhow::Result;
 
 use super::config::{Config, HttpPlan};
 use super::datapaths::{Bypass, Datapaths};
+use super::state::StateView;
 use crate::http::{Access, AppState, HttpBound, HttpConfig, HttpServer, WorkerView};
 use crate::privilege::Dropped;
 use crate::spec::{PollMode, XdpAttachMode, ZeroCopy};
@@ -24,6 +25,8 @@ pub struct StartedAs {
     pub fallbacks: Vec<Fallback>,
     /// What the process kept after set-up.
     pub privileges: Dropped,
+    /// The state directory and what the counter resumed from (`--state-dir`).
+    pub counter_state: Option<StateView>,
 }
 
 /// A degraded mode the kernel or the driver chose for us (probe, then degrade visibly).
@@ -51,7 +54,12 @@ impl serde::Serialize for Fallback {
 }
 
 impl StartedAs {
-    pub fn of(config: &Config, paths: &Datapaths, privileges: &Dropped) -> StartedAs {
+    pub fn of(
+        config: &Config,
+        paths: &Datapaths,
+        privileges: &Dropped,
+        counter_state: Option<StateView>,
+    ) -> StartedAs {
         let asked = config.bypass.as_ref();
         let xdp_asked = asked.map_or(XdpAttachMode::Auto, |b| b.xdp_mode);
         let zero_copy_asked = asked
@@ -76,17 +84,24 @@ impl StartedAs {
             zero_copy,
             fallbacks,
             privileges: privileges.clone(),
+            counter_state,
         }
     }
 }
 
 /// The endpoints' view of the running datapaths.
-pub fn app_state(config: &Config, paths: &Datapaths, privileges: &Dropped) -> Arc<AppState> {
+pub fn app_state(
+    config: &Config,
+    paths: &Datapaths,
+    privileges: &Dropped,
+    counter_state: Option<StateView>,
+) -> Arc<AppState> {
     let mut config_json = serde_json::to_value(config).expect("the configuration serialises");
     config_json["listen"] = serde_json::to_value(&paths.bound).expect("listen specs serialise");
     let mut state = AppState::new(config.mode.as_str(), config_json, paths.counter.clone());
-    state.started_as = serde_json::to_value(StartedAs::of(config, paths, privileges))
-        .expect("the start-up facts serialise");
+    state.started_as =
+        serde_json::to_value(StartedAs::of(config, paths, privileges, counter_state))
+            .expect("the start-up facts serialise");
     state.workers = worker_views(paths);
     state.xdp_stats = paths.program().map(|p| Box::new(p.stats_reader()) as _);
     let readiness = &state.readiness;

@@ -124,6 +124,22 @@ impl XdpProgram {
             .context("cannot mmap the counter map (needs BPF_F_MMAPABLE, kernel 5.5+)")
     }
 
+    /// Pins the counter map at `path` in bpffs (replacing an older pin), so that it outlives this
+    /// process: the next start reads it back with [`read_pinned_counter`].
+    pub fn pin_counter(&self, path: &std::path::Path) -> Result<()> {
+        let Some(Map::Array(data)) = self.ebpf.map("counter") else {
+            bail!("the BPF object has no counter array");
+        };
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot replace the pin {}", path.display()))
+            }
+            _ => {}
+        }
+        data.pin(path)
+            .with_context(|| format!("cannot pin the counter map at {}", path.display()))
+    }
+
     /// The requests the program answered or dropped itself, as (replies, drops by reason).
     pub fn in_kernel_totals(&self) -> Result<(u64, Vec<(DropReason, u64)>)> {
         let stats = self.stats()?;
@@ -272,6 +288,17 @@ impl XdpProgram {
             .context("BPF_PROG_TEST_RUN failed")?;
         Ok((result.return_value, result.data_size_out as usize))
     }
+}
+
+/// The value of a counter map pinned at `path` by an earlier run, or None if there is no pin.
+pub fn read_pinned_counter(path: &std::path::Path) -> Result<Option<u64>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let data = MapData::from_pin(path)
+        .with_context(|| format!("cannot open the pinned counter map {}", path.display()))?;
+    let counter = MappedCounter::map(data.fd()).context("cannot mmap the pinned counter map")?;
+    Ok(Some(crate::core::Counter::load(&counter)))
 }
 
 fn read_stats(array: &PerCpuArray<MapData, u64>) -> Result<[u64; XdpStat::COUNT]> {
