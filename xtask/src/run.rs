@@ -168,8 +168,12 @@ fn build_release() -> Result<PathBuf> {
     Ok(root.join("target/release/ricochet"))
 }
 
-/// `ricochet serve` arguments: listeners on the interface's address, HTTP on loopback unless the
-/// caller chose, the interface for the bypass modes, the profile, then the caller's arguments.
+/// Where `run` keeps the counter unless the caller gives `--state-dir`.
+const STATE_DIR: &str = "/var/lib/ricochet/xtask-run";
+
+/// `ricochet serve` arguments: listeners on the interface's address, HTTP on loopback and the state
+/// directory unless the caller chose, the interface for the bypass modes, the profile, then the
+/// caller's arguments.
 fn serve_args(r: &RunArgs, address: &str) -> Vec<String> {
     let mut serve = vec![
         "serve".to_string(),
@@ -182,12 +186,18 @@ fn serve_args(r: &RunArgs, address: &str) -> Vec<String> {
         "--listen".into(),
         format!("tcp://{address}:7777"),
     ];
-    if !r
-        .serve_args
-        .iter()
-        .any(|a| a == "--http" || a.starts_with("--http="))
-    {
+    let given = |flag: &str| {
+        let with_value = format!("{flag}=");
+        r.serve_args
+            .iter()
+            .any(|a| a == flag || a.starts_with(&with_value))
+    };
+    if !given("--http") {
         serve.extend(["--http".into(), "127.0.0.1:9100".into()]);
+    }
+    // The counter survives restarts and crashes, as under the systemd unit.
+    if !given("--state-dir") {
+        serve.extend(["--state-dir".into(), STATE_DIR.into()]);
     }
     if r.mode != "kernel" {
         serve.extend(["--iface".into(), r.iface.clone()]);
@@ -368,6 +378,22 @@ mod test {
 
     fn args(s: &str) -> Vec<String> {
         s.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn serve_gets_a_state_directory_unless_the_caller_gives_one() {
+        let r = parse(&args("--iface eth0")).unwrap();
+        let serve = serve_args(&r, "192.0.2.1").join(" ");
+        assert!(
+            serve.contains(&format!("--state-dir {STATE_DIR}")),
+            "{serve}"
+        );
+        let r = parse(&args("--iface eth0 -- --state-dir=/tmp/x")).unwrap();
+        let serve = serve_args(&r, "192.0.2.1").join(" ");
+        assert!(
+            !serve.contains(STATE_DIR) && serve.ends_with("--state-dir=/tmp/x"),
+            "{serve}"
+        );
     }
 
     #[test]

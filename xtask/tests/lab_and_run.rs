@@ -89,6 +89,8 @@ fn lab_up_run_serve_and_down() {
     };
     let before = knob();
     let profile = root().join("hw-profiles/veth-lab.toml");
+    // Not run's default /var/lib/ricochet/xtask-run: a test leaves no state on the machine.
+    let state_dir = std::env::temp_dir().join(format!("ricochet-xtask-run-{}", std::process::id()));
     let mut child = {
         use std::os::unix::process::CommandExt;
         Command::new("ip")
@@ -107,7 +109,8 @@ fn lab_up_run_serve_and_down() {
             .arg(&ricochet)
             .arg("--profile")
             .arg(&profile)
-            .args(["--", "--http", "off"])
+            .args(["--", "--http", "off", "--state-dir"])
+            .arg(&state_dir)
             .stdout(Stdio::piped())
             .process_group(0)
             .spawn()
@@ -165,6 +168,10 @@ fn lab_up_run_serve_and_down() {
         "veth-srv",
     ]);
     assert!(!link.contains("prog/xdp"), "nothing left attached: {link}");
+    // Ctrl-C synced the counter into the state directory before ricochet exited.
+    let snapshots = std::fs::read(state_dir.join("counter.snap")).unwrap_or_default();
+    assert!(snapshots.starts_with(b"RICOSNAP") || snapshots.get(4096..4104) == Some(b"RICOSNAP"));
+    let _ = std::fs::remove_dir_all(&state_dir);
 
     // A serve that fails at start (here a CPU outside the allowed set) leaves nothing applied.
     let (ok, out) = sh(&[
@@ -187,6 +194,8 @@ fn lab_up_run_serve_and_down() {
         "off",
         "--cpus",
         "4095",
+        "--state-dir",
+        state_dir.to_str().unwrap(),
     ]);
     assert!(!ok, "xtask run fails when ricochet cannot start: {out}");
     assert!(
