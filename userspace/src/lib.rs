@@ -5,8 +5,8 @@
 //! - [`wire`] (checked views over the protocol bytes), [`spec`] (configuration values), [`core`]
 //!   (the sans-IO responder every datapath shares) and [`stats`] (lock-free statistics records, each
 //!   describing its fields once);
-//! - [`sys`] (syscalls), [`privilege`] (dropping root after set-up), [`net`] (binding and accepting),
-//!   [`iface`] (interface facts);
+//! - [`sys`] (syscalls), [`privilege`] (dropping root after set-up), [`durable`] (the counter's state
+//!   directory and snapshots), [`net`] (binding and accepting), [`iface`] (interface facts);
 //! - the datapaths [`kernel`], [`xdp`] and [`afxdp`], which know nothing of HTTP;
 //! - [`http`] (the endpoints, reading statistics records) and [`hw`] (hardware profiles);
 //! - the commands [`serve`] (which wires datapaths and endpoints together) and [`bench`].

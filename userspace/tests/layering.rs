@@ -54,6 +54,7 @@ fn datapaths_and_lower_layers_never_use_http_or_the_commands() {
         "stats",
         "sys",
         "privilege",
+        "durable",
         "net",
         "iface",
         "kernel",
