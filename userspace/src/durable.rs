@@ -24,8 +24,11 @@ use anyhow::{bail, Context, Result};
 
 const MAGIC: &[u8; 8] = b"RICOSNAP";
 const VERSION: u32 = 1;
-/// Where the two snapshot slots start: different pages, so one write cannot tear both.
-const SLOTS: [u64; 2] = [0, 4096];
+
+/// Where the two snapshot slots start: a page (at least 4 KiB) apart, so one write cannot tear both.
+fn slots() -> [u64; 2] {
+    [0, page_size().max(4096)]
+}
 
 /// One snapshot of the counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -89,8 +92,16 @@ fn now_ms() -> u64 {
 pub struct StateDir {
     path: PathBuf,
     /// Held (flock) for the life of the process; the kernel releases it if the process dies.
-    _lock: nix::fcntl::Flock<File>,
+    lock: nix::fcntl::Flock<File>,
     snapshots: File,
+}
+
+/// What the snapshot file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotRead {
+    pub newest: Option<Snapshot>,
+    /// The file has bytes but no whole slot: its last value is unknown.
+    pub damaged: bool,
 }
 
 impl StateDir {
@@ -102,6 +113,7 @@ impl StateDir {
             .create(path)
             .with_context(|| format!("cannot create the state directory {}", path.display()))?;
         let path = path.canonicalize()?;
+        let new_files = !path.join("counter.snap").exists();
         let lock = open_rw(&path.join("lock"))?;
         let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
             .map_err(|(_, e)| e)
@@ -109,42 +121,55 @@ impl StateDir {
                 format!("another ricochet holds the state directory {}: give each instance its own --state-dir", path.display())
             })?;
         let snapshots = open_rw(&path.join("counter.snap"))?;
+        if new_files {
+            // The new directory entries must survive a crash too, or the next start sees no state.
+            sync_dir(&path)?;
+            if let Some(parent) = path.parent() {
+                sync_dir(parent)?;
+            }
+        }
         Ok(StateDir {
             path,
-            _lock: lock,
+            lock,
             snapshots,
         })
+    }
+
+    /// With `--user`: gives the directory and its open files to that user, through the descriptors
+    /// (never following a link someone put in their place).
+    pub fn hand_over(&self, uid: u32, gid: u32, live: Option<&File>) -> Result<()> {
+        let (uid, gid) = (Some(uid), Some(gid));
+        std::os::unix::fs::lchown(&self.path, uid, gid)
+            .with_context(|| format!("cannot give {} to the user", self.path.display()))?;
+        for file in [Some(&*self.lock), Some(&self.snapshots), live]
+            .into_iter()
+            .flatten()
+        {
+            std::os::unix::fs::fchown(file, uid, gid)
+                .context("cannot give a state file to the user")?;
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// The files ricochet keeps here (for handing them to `--user`).
-    pub fn files(&self) -> Vec<PathBuf> {
-        ["", "lock", "counter.snap", "counter.live"]
-            .iter()
-            .map(|f| self.path.join(f))
-            .filter(|p| p.exists())
-            .collect()
-    }
-
-    /// Both slots as read; an error if the file has bytes but no valid slot (a damaged state is
-    /// never silently taken for a fresh one).
-    pub fn newest_snapshot(&self) -> Result<Option<Snapshot>> {
+    /// The newest whole snapshot, and whether the file is damaged (bytes but no whole slot).
+    pub fn read_snapshots(&self) -> Result<SnapshotRead> {
         let len = self.snapshots.metadata()?.len();
-        let mut slots = [None, None];
-        for (slot, &offset) in slots.iter_mut().zip(&SLOTS) {
+        let mut found = [None, None];
+        for (slot, offset) in found.iter_mut().zip(slots()) {
             let mut buf = [0u8; Snapshot::LEN];
             if self.snapshots.read_exact_at(&mut buf, offset).is_ok() {
                 *slot = Snapshot::decode(&buf);
             }
         }
-        let newest = Snapshot::newest(&slots);
-        if newest.is_none() && len > 0 {
-            bail!("{} holds no valid snapshot: the state is damaged; move the directory away to start the counter from zero", self.path.join("counter.snap").display());
-        }
-        Ok(newest)
+        let newest = Snapshot::newest(&found);
+        Ok(SnapshotRead {
+            newest,
+            damaged: newest.is_none() && len > 0,
+        })
     }
 
     /// A writer continuing after `last`.
@@ -184,15 +209,33 @@ pub fn pin_path(bpffs: &Path, canonical: &Path) -> PathBuf {
     bpffs.join(format!("ricochet-{id:016x}-counter"))
 }
 
+/// Opens (or creates, mode 0600) a regular file, never through a symbolic link: with `--user` the
+/// directory belongs to that user, and this runs as root at the next start.
 fn open_rw(path: &Path) -> Result<File> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .with_context(|| format!("cannot open {}", path.display()))
+        .with_context(|| {
+            format!(
+                "cannot open {} (a symbolic link is refused)",
+                path.display()
+            )
+        })?;
+    if !file.metadata()?.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
+    Ok(file)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync the directory {}", dir.display()))
 }
 
 fn page_size() -> u64 {
@@ -217,7 +260,7 @@ impl SnapshotWriter {
             unix_ms: now_ms(),
             clean,
         };
-        let slot = SLOTS[(snapshot.seq % 2) as usize];
+        let slot = slots()[(snapshot.seq % 2) as usize];
         self.file.write_all_at(&snapshot.encode(), slot)?;
         self.file.sync_data()?;
         self.seq = snapshot.seq;
@@ -255,6 +298,8 @@ impl Recovery {
         let previous = match (live, snapshot) {
             (None, None) => PreviousStop::FirstStart,
             (Some(l), Some(s)) if s.clean && l == s.value => PreviousStop::Clean,
+            // The live record went with a reboot (a bpffs pin) after a clean stop: still exact.
+            (None, Some(s)) if s.clean => PreviousStop::Clean,
             _ => PreviousStop::Unclean,
         };
         Recovery {
@@ -310,6 +355,12 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     let shown = dir.display();
     if dir != Path::new(DEFAULT_BPFFS) {
         bail!("--bpffs {shown}: not a bpffs (mount one: mount -t bpf bpf {shown})");
+    }
+    // A bpffs mounted in a private mount namespace (`ip netns exec` makes one) dies with the
+    // process, and the pin with it: refuse rather than void the guarantee.
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    if ns("self") != ns("1") {
+        bail!("{shown} is not a bpffs and this process has a mount namespace of its own (ip netns exec?): a bpffs mounted here would die with the process and the pinned counter with it; mount one in the host's namespace and pass it with --bpffs");
     }
     let flags = nix::mount::MsFlags::empty();
     nix::mount::mount(Some("bpf"), dir, Some("bpf"), flags, None::<&str>).with_context(|| {
@@ -374,32 +425,37 @@ mod test {
             (50, PreviousStop::Unclean, false)
         );
         let r = Recovery::decide(None, Some(snap(3, 50, true)));
+        assert_eq!((r.value, r.previous), (50, PreviousStop::Clean));
+        let r = Recovery::decide(None, Some(snap(3, 50, false)));
         assert_eq!((r.value, r.previous), (50, PreviousStop::Unclean));
     }
 
     #[test]
-    fn slots_alternate_and_a_torn_newest_slot_falls_back_to_the_other() {
+    fn slots_alternate_and_a_torn_write_never_spoils_the_newest_whole_slot() {
         let dir = std::env::temp_dir().join(format!("ricochet-durable-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let state = StateDir::open(&dir).unwrap();
-        assert_eq!(state.newest_snapshot().unwrap(), None);
+        let none = SnapshotRead {
+            newest: None,
+            damaged: false,
+        };
+        assert_eq!(state.read_snapshots().unwrap(), none);
         let mut w = state.writer(None).unwrap();
         w.write(10, false).unwrap();
         let second = w.write(25, true).unwrap();
-        assert_eq!(state.newest_snapshot().unwrap(), Some(second));
-        // Tear the slot just written (seq 2 is in slot 0).
-        state
-            .snapshots
-            .write_all_at(&[0xff; 8], SLOTS[0] + 20)
-            .unwrap();
-        let older = state.newest_snapshot().unwrap().unwrap();
-        assert_eq!((older.seq, older.value), (1, 10));
-        state
-            .snapshots
-            .write_all_at(&[0xff; 8], SLOTS[1] + 20)
-            .unwrap();
+        assert_eq!(state.read_snapshots().unwrap().newest, Some(second));
+        let tear = |slot: usize| state.snapshots.write_all_at(&[0xff; 8], slots()[slot] + 20);
+        // A torn write of seq 3 lands in slot 1 (seq 1's): seq 2 in slot 0 stands.
+        tear(1).unwrap();
+        assert_eq!(state.read_snapshots().unwrap().newest, Some(second));
+        // Damage to the newest slot itself falls back to the older one, when whole.
+        w.write(30, false).unwrap();
+        tear(1).unwrap();
+        assert_eq!(state.read_snapshots().unwrap().newest, Some(second));
+        tear(0).unwrap();
+        let read = state.read_snapshots().unwrap();
         assert!(
-            state.newest_snapshot().is_err(),
+            read.damaged && read.newest.is_none(),
             "two torn slots are not a fresh start"
         );
         // A second opener is refused while the first holds the lock.

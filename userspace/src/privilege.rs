@@ -19,7 +19,6 @@ use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use caps::{CapSet, Capability, CapsHashSet};
-use nix::unistd::{Gid, Uid};
 
 use crate::sys;
 
@@ -134,15 +133,19 @@ impl Lockdown {
         nix::sys::prctl::set_no_new_privs().context("cannot set no_new_privs")
     }
 
+    /// The user and group `--user` switches to.
+    pub fn user_ids(&self) -> Option<(u32, u32)> {
+        self.account.as_ref().map(|a| (a.uid, a.gid))
+    }
+
     /// With `--user`, gives the files set-up created (Unix socket files) to that user, so that it can
-    /// remove them at exit.
+    /// remove them at exit. A symbolic link is changed itself, never what it points to.
     pub fn hand_over<'p>(&self, files: impl IntoIterator<Item = &'p Path>) -> Result<()> {
         let Some(user) = &self.account else {
             return Ok(());
         };
-        let (uid, gid) = (Uid::from_raw(user.uid), Gid::from_raw(user.gid));
         for file in files {
-            nix::unistd::chown(file, Some(uid), Some(gid))
+            std::os::unix::fs::lchown(file, Some(user.uid), Some(user.gid))
                 .with_context(|| format!("cannot give {} to user {}", file.display(), user.name))?;
         }
         Ok(())

@@ -107,7 +107,7 @@ pub fn run(args: &[String]) -> Result<()> {
         Some(b) => b.clone(),
         None => build_release()?,
     };
-    let serve = serve_args(&r, &address);
+    let serve = serve_args(&r, &address, own_mount_namespace());
     println!(
         "interface {} (driver {driver}, {address}); mode {}",
         r.iface, r.mode
@@ -168,13 +168,19 @@ fn build_release() -> Result<PathBuf> {
     Ok(root.join("target/release/ricochet"))
 }
 
+/// Whether this process runs in a mount namespace other than init's (as `ip netns exec` makes).
+fn own_mount_namespace() -> bool {
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    ns("self") != ns("1")
+}
+
 /// Where `run` keeps the counter unless the caller gives `--state-dir`.
 const STATE_DIR: &str = "/var/lib/ricochet/xtask-run";
 
 /// `ricochet serve` arguments: listeners on the interface's address, HTTP on loopback and the state
 /// directory unless the caller chose, the interface for the bypass modes, the profile, then the
 /// caller's arguments.
-fn serve_args(r: &RunArgs, address: &str) -> Vec<String> {
+fn serve_args(r: &RunArgs, address: &str, own_mount_namespace: bool) -> Vec<String> {
     let mut serve = vec![
         "serve".to_string(),
         "--mode".into(),
@@ -195,8 +201,10 @@ fn serve_args(r: &RunArgs, address: &str) -> Vec<String> {
     if !given("--http") {
         serve.extend(["--http".into(), "127.0.0.1:9100".into()]);
     }
-    // The counter survives restarts and crashes, as under the systemd unit.
-    if !given("--state-dir") {
+    // The counter survives restarts and crashes, as under the systemd unit; but xdp mode's pin
+    // cannot outlive a private mount namespace (`ip netns exec`), where serve would refuse.
+    let pin_would_die = r.mode == "xdp" && own_mount_namespace;
+    if !given("--state-dir") && !pin_would_die {
         serve.extend(["--state-dir".into(), STATE_DIR.into()]);
     }
     if r.mode != "kernel" {
@@ -382,18 +390,22 @@ mod test {
 
     #[test]
     fn serve_gets_a_state_directory_unless_the_caller_gives_one() {
-        let r = parse(&args("--iface eth0")).unwrap();
-        let serve = serve_args(&r, "192.0.2.1").join(" ");
+        let line = |a: &str, own_ns: bool| {
+            serve_args(&parse(&args(a)).unwrap(), "192.0.2.1", own_ns).join(" ")
+        };
+        let serve = line("--iface eth0", true);
         assert!(
             serve.contains(&format!("--state-dir {STATE_DIR}")),
             "{serve}"
         );
-        let r = parse(&args("--iface eth0 -- --state-dir=/tmp/x")).unwrap();
-        let serve = serve_args(&r, "192.0.2.1").join(" ");
+        let serve = line("--iface eth0 -- --state-dir=/tmp/x", false);
         assert!(
             !serve.contains(STATE_DIR) && serve.ends_with("--state-dir=/tmp/x"),
             "{serve}"
         );
+        // xdp under ip netns exec: no default, the pin would die with the namespace.
+        assert!(line("--iface eth0 --mode xdp", false).contains(STATE_DIR));
+        assert!(!line("--iface eth0 --mode xdp", true).contains(STATE_DIR));
     }
 
     #[test]

@@ -89,8 +89,10 @@ fn lab_up_run_serve_and_down() {
     };
     let before = knob();
     let profile = root().join("hw-profiles/veth-lab.toml");
-    // Not run's default /var/lib/ricochet/xtask-run: a test leaves no state on the machine.
+    // Not run's default /var/lib/ricochet/xtask-run: a test leaves no state on the machine. xdp
+    // mode pins its counter in a bpffs, which must be the host's: ip netns exec remounts /sys.
     let state_dir = std::env::temp_dir().join(format!("ricochet-xtask-run-{}", std::process::id()));
+    let bpffs = HostBpffs::mount();
     let mut child = {
         use std::os::unix::process::CommandExt;
         Command::new("ip")
@@ -111,6 +113,8 @@ fn lab_up_run_serve_and_down() {
             .arg(&profile)
             .args(["--", "--http", "off", "--state-dir"])
             .arg(&state_dir)
+            .arg("--bpffs")
+            .arg(&bpffs.0)
             .stdout(Stdio::piped())
             .process_group(0)
             .spawn()
@@ -215,6 +219,29 @@ fn lab_up_run_serve_and_down() {
         !namespaces.contains("ricochet-srv") && !namespaces.contains("ricochet-cli"),
         "{namespaces}"
     );
+}
+
+/// A bpffs mounted in the host's mount namespace for the test; unmounted on drop.
+struct HostBpffs(PathBuf);
+
+impl HostBpffs {
+    fn mount() -> HostBpffs {
+        let dir = PathBuf::from(format!(
+            "/run/ricochet-xtask-test-{}-bpffs",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ok, out) = sh(&["mount", "-t", "bpf", "bpf", dir.to_str().unwrap()]);
+        assert!(ok, "cannot mount a bpffs: {out}");
+        HostBpffs(dir)
+    }
+}
+
+impl Drop for HostBpffs {
+    fn drop(&mut self) {
+        let _ = sh(&["umount", self.0.to_str().unwrap()]);
+        let _ = std::fs::remove_dir(&self.0);
+    }
 }
 
 fn nix_kill(pgid: i32) {

@@ -188,10 +188,11 @@ impl Datapaths {
         if let Some(program) = &program {
             report.xdp_program(program);
         }
-        // Read before the program goes: in xdp mode the counter lives in the program's map.
-        report.final_counter = self.counter.load();
-        // Dropping the program closes its BPF link: the interface is left as it was.
+        // Dropping the program closes its BPF link: the interface is left as it was, and nothing
+        // adds to the counter any more. In xdp mode the counter is the program's map, which this
+        // process's mapping of it keeps alive.
         drop(program);
+        report.final_counter = self.counter.load();
         report
     }
 }

@@ -74,9 +74,11 @@ fn set_up(config: &Config) -> Result<SetUp> {
         HttpListen::Unix(path) => Some(path.to_path_buf()),
         HttpListen::Tcp(_) => None,
     });
-    let state_files = counter_state.iter().flat_map(|s| s.dir.files());
-    let owned: Vec<_> = sockets.chain(http_socket).chain(state_files).collect();
+    let owned: Vec<_> = sockets.chain(http_socket).collect();
     lockdown.hand_over(owned.iter().map(|p| p.as_path()))?;
+    if let Some(state) = &counter_state {
+        state.hand_over(lockdown.user_ids())?;
+    }
     let dropped = lockdown
         .finish()
         .context("cannot drop privileges after set-up")?;

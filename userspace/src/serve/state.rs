@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use super::args::Mode;
 use super::config::StatePlan;
@@ -39,7 +39,6 @@ impl CounterState {
     /// Opens and locks the directory and reads the live record and the snapshots.
     pub fn open(plan: &StatePlan, mode: Mode) -> Result<CounterState> {
         let dir = StateDir::open(&plan.dir)?;
-        let snapshot = dir.newest_snapshot()?;
         let (live_file, pin, live) = if mode == Mode::Xdp {
             durable::ensure_bpffs(&plan.bpffs)?;
             let pin = dir.pin_path(&plan.bpffs);
@@ -49,9 +48,22 @@ impl CounterState {
             let (file, live) = dir.live_file()?;
             (Some(file), None, live)
         };
-        let recovery = Recovery::decide(live, snapshot);
+        let read = dir.read_snapshots()?;
+        if read.damaged {
+            let file = dir.path().join("counter.snap");
+            match live {
+                Some(_) => tracing::warn!("{} holds no whole snapshot; the live record stands", file.display()),
+                None => bail!("{} holds no whole snapshot and there is no live record: the counter's last value is unknown. Move the directory away only if repeating values already handed out is acceptable", file.display()),
+            }
+        }
+        let recovery = Recovery::decide(live, read.newest);
         tracing::info!("{}: {}", dir.path().display(), recovery.describe());
-        let writer = dir.writer(snapshot)?;
+        // The value resumed from is durable before anything is served: were this run to lose its
+        // live record too (a power loss while idle), the next start would not fall back below it.
+        let mut writer = dir.writer(read.newest)?;
+        writer
+            .write(recovery.value, false)
+            .context("cannot write the recovered counter's snapshot")?;
         Ok(CounterState {
             dir,
             recovery,
@@ -59,6 +71,14 @@ impl CounterState {
             pin,
             writer,
         })
+    }
+
+    /// With `--user`: the state directory and its files become that user's.
+    pub fn hand_over(&self, ids: Option<(u32, u32)>) -> Result<()> {
+        match ids {
+            Some((uid, gid)) => self.dir.hand_over(uid, gid, self.live_file.as_ref()),
+            None => Ok(()),
+        }
     }
 
     /// Brings a freshly created counter up to the recovered value.

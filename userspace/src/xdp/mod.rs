@@ -130,14 +130,21 @@ impl XdpProgram {
         let Some(Map::Array(data)) = self.ebpf.map("counter") else {
             bail!("the BPF object has no counter array");
         };
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(e).with_context(|| format!("cannot replace the pin {}", path.display()))
-            }
-            _ => {}
-        }
-        data.pin(path)
-            .with_context(|| format!("cannot pin the counter map at {}", path.display()))
+        // Pinned beside the old pin, then renamed over it: there is always one pin.
+        // (bpffs refuses names with a dot.)
+        let mut fresh = path.as_os_str().to_owned();
+        fresh.push("-new");
+        let fresh = std::path::PathBuf::from(fresh);
+        let _ = std::fs::remove_file(&fresh);
+        data.pin(&fresh)
+            .with_context(|| format!("cannot pin the counter map at {}", fresh.display()))?;
+        std::fs::rename(&fresh, path).with_context(|| {
+            format!(
+                "cannot rename the pin {} to {}",
+                fresh.display(),
+                path.display()
+            )
+        })
     }
 
     /// The requests the program answered or dropped itself, as (replies, drops by reason).
