@@ -108,7 +108,10 @@ fn serve(config: &Config, set_up: SetUp) -> Result<()> {
         .map_or(Duration::ZERO, |s| s.sync_interval.0);
     let view = counter_state.as_ref().map(|s| s.view(interval));
     let state = publish::app_state(config, &paths, &dropped, view);
-    let syncer = counter_state.map(|s| s.start_syncer(paths.counter.clone(), interval));
+    let syncer = match counter_state {
+        Some(s) => Some(s.start_syncer(paths.counter.clone(), interval)?),
+        None => None,
+    };
     let http = match http {
         Some(bound) => Some(bound.serve(state.clone())?),
         None => None,

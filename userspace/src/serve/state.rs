@@ -98,7 +98,7 @@ impl CounterState {
     }
 
     /// Starts the thread that snapshots `counter` every `interval` (never on the packet path).
-    pub fn start_syncer(self, counter: Arc<dyn Counter>, interval: Duration) -> Syncer {
+    pub fn start_syncer(self, counter: Arc<dyn Counter>, interval: Duration) -> Result<Syncer> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let mut writer = self.writer;
@@ -124,13 +124,13 @@ impl CounterState {
                 }
                 writer
             })
-            .expect("spawn the counter syncer");
-        Syncer {
+            .context("cannot start the counter syncer thread")?;
+        Ok(Syncer {
             stop,
             handle,
             live_file: self.live_file,
             _dir: self.dir,
-        }
+        })
     }
 }
 
