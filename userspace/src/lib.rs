@@ -6,7 +6,8 @@
 //!   (the sans-IO responder every datapath shares) and [`stats`] (lock-free statistics records, each
 //!   describing its fields once);
 //! - [`sys`] (syscalls), [`privilege`] (dropping root after set-up), [`durable`] (the counter's state
-//!   directory and snapshots), [`net`] (binding and accepting), [`iface`] (interface facts);
+//!   directory and snapshots), [`history`] (per-second records in the state directory), [`fleet`]
+//!   (shipping them to PostgreSQL), [`net`] (binding and accepting), [`iface`] (interface facts);
 //! - the datapaths [`kernel`], [`xdp`] and [`afxdp`], which know nothing of HTTP;
 //! - [`http`] (the endpoints, reading statistics records) and [`hw`] (hardware profiles);
 //! - the commands [`serve`] (which wires datapaths and endpoints together) and [`bench`].
@@ -19,7 +20,9 @@ pub mod afxdp;
 pub mod bench;
 pub mod core;
 pub mod durable;
+pub mod fleet;
 pub mod fuzzing;
+pub mod history;
 pub mod http;
 pub mod hw;
 pub mod iface;

@@ -1,4 +1,5 @@
-//! The `ricochet` command line: `serve` runs the responder, `bench` measures one.
+//! The `ricochet` command line: `serve` runs the responder, `bench` measures one, `hw` applies
+//! hardware profiles, `fleet` reads the fleet database.
 
 use std::process::ExitCode;
 
@@ -25,6 +26,11 @@ enum Command {
     Hw {
         #[command(subcommand)]
         command: ricochet::hw::HwCommand,
+    },
+    /// Read the fleet's per-second history from PostgreSQL (what `serve --fleet` ships).
+    Fleet {
+        #[command(subcommand)]
+        command: ricochet::fleet::FleetCommand,
     },
 }
 
@@ -72,6 +78,7 @@ fn main() -> ExitCode {
         Command::Serve(_) => serve(&matches),
         Command::Bench(args) => ricochet::bench::run(args),
         Command::Hw { command } => ricochet::hw::run(command),
+        Command::Fleet { command } => ricochet::fleet::summary::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,10 +5,11 @@ mod connection;
 pub mod pending;
 pub mod profile;
 pub mod request;
+mod history;
 pub mod routes;
 pub mod server;
 pub mod state;
 
 pub use routes::Access;
 pub use server::{HttpBound, HttpConfig, HttpListen, HttpServer};
-pub use state::{AppState, WorkerView, XskLive};
+pub use state::{AppState, HistoryView, WorkerView, XskLive};

@@ -54,6 +54,10 @@ pub struct Response {
 }
 
 impl Response {
+    pub fn with_body(status: u16, content_type: &'static str, body: Body) -> Response {
+        Response::new(status, content_type, body)
+    }
+
     fn new(status: u16, content_type: &'static str, body: Body) -> Response {
         Response {
             status,
@@ -104,6 +108,7 @@ pub fn route_label(path: &str) -> &'static str {
         "/metrics" => "/metrics",
         "/counter" => "/counter",
         "/stats" => "/stats",
+        "/summary" => "/summary",
         "/debug/pprof/profile" => "/debug/pprof/profile",
         _ => "other",
     }
@@ -200,6 +205,10 @@ pub fn route(req: &Request, state: &AppState, access: &Access) -> Routed {
             "POST" => post_counter(req, state),
             _ => method_not_allowed("Allow: GET, HEAD, POST"),
         },
+        "/summary" => match req.head.method {
+            "GET" | "HEAD" => super::history::summary(req.head.query, state),
+            _ => method_not_allowed("Allow: GET, HEAD"),
+        },
         "/debug/pprof/profile" => match req.head.method {
             "GET" if !access.allows(req) => unauthorized(),
             "GET" => return profile_request(req.head.query),
@@ -207,7 +216,7 @@ pub fn route(req: &Request, state: &AppState, access: &Access) -> Routed {
         },
         _ => Response::error(
             404,
-            "no such endpoint: try /, /healthz, /readyz, /metrics, /counter, /stats",
+            "no such endpoint: try /, /healthz, /readyz, /metrics, /counter, /stats, /summary",
         ),
     };
     Routed::Respond(response)
@@ -500,6 +509,7 @@ pub fn metrics_text(state: &AppState) -> String {
         register_field(&mut registry, &field);
     }
     register_xdp_program(&mut registry, state);
+    super::history::register_fleet(&mut registry, state);
     register_process(&mut registry, state);
     let mut out = String::with_capacity(16 * 1024);
     prometheus_client::encoding::text::encode(&mut out, &registry)
@@ -568,6 +578,7 @@ pub fn stats_json(state: &AppState) -> serde_json::Value {
         "http_counter": record_json(&state.http_counter_stats.snapshot()),
         "http": http,
         "xdp": xdp,
+        "fleet": state.fleet.as_ref().map(|f| f.to_json()),
         "config": state.config,
         "workers_running": state.readiness.workers_running.load(Ordering::Relaxed),
         // Everything in /metrics, HTTP request counts and latency histograms included.

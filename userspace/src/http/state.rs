@@ -2,7 +2,7 @@
 //! and the HTTP server's own metrics. Everything here is read without locks on the packet path.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -12,6 +12,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
 use super::pending::PendingBudget;
 use crate::core::Counter;
+use crate::fleet::FleetStatus;
+use crate::history::History;
 use crate::spec::CpuId;
 use crate::stats::{Field, FieldKind, WorkerStats};
 
@@ -156,6 +158,16 @@ pub struct AppState {
     pub http_counter_stats: WorkerStats,
     /// The HTTP server's connection statistics and pending-bytes budget.
     pub http_conns: HttpConnStats,
+    /// The per-second history for GET /summary (`--state-dir`).
+    pub history: Option<HistoryView>,
+    /// The fleet shipper's state (`--fleet`).
+    pub fleet: Option<Arc<FleetStatus>>,
+}
+
+/// GET /summary's own connection to the history store.
+pub struct HistoryView {
+    pub instance: String,
+    pub store: Mutex<History>,
 }
 
 impl AppState {
@@ -176,6 +188,8 @@ impl AppState {
             http: HttpMetrics::default(),
             http_counter_stats: WorkerStats::default(),
             http_conns: HttpConnStats::default(),
+            history: None,
+            fleet: None,
         }
     }
 }

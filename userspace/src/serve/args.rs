@@ -176,6 +176,47 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf")]
     pub bpffs: PathBuf,
 
+    /// How long the per-second history in --state-dir is kept, e.g. 7d. Records still waiting for
+    /// the fleet are kept until shipped.
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = duration_in(Duration::from_secs(3600), Duration::from_secs(3650 * 86_400)))]
+    pub history_retention: Duration,
+
+    /// Ship the per-second history to this PostgreSQL database
+    /// (postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME); repeat for fallbacks, the first is the
+    /// primary. Needs --state-dir, where records wait while no database answers.
+    #[arg(long, value_name = "URL", hide_env_values = true, value_parser = parse_fleet_url)]
+    pub fleet: Vec<String>,
+
+    /// This instance's name in the fleet and in /summary. Default: the host name.
+    #[arg(long, value_name = "NAME")]
+    pub instance: Option<String>,
+
+    /// How often waiting records are shipped, e.g. 1s.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = duration_in(Duration::from_millis(100), Duration::from_secs(3600)))]
+    pub fleet_interval: Duration,
+
+    /// Per-second rows older than this are dropped from the fleet database, a day partition at a
+    /// time, e.g. 7d.
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = duration_in(Duration::from_secs(86_400), Duration::from_secs(3650 * 86_400)))]
+    pub fleet_retention: Duration,
+
+    /// Per-minute rollup rows older than this are dropped, a month partition at a time, e.g. 400d.
+    #[arg(long, value_name = "DURATION", default_value = "400d", value_parser = duration_in(Duration::from_secs(86_400), Duration::from_secs(36_500 * 86_400)))]
+    pub fleet_rollup_retention: Duration,
+
+    /// On a stop, how long the shipper may spend sending what waits; the rest ships at the next
+    /// start.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration_in(Duration::ZERO, Duration::from_secs(600)))]
+    pub fleet_stop_deadline: Duration,
+
+    /// Permissions of the --http unix:// socket file, in octal (connecting needs write permission).
+    #[arg(long, value_name = "MODE", default_value = "0660", value_parser = parse_socket_mode)]
+    pub http_socket_mode: u32,
+
+    /// Group of the --http unix:// socket file (a reverse proxy's group, say www-data).
+    #[arg(long, value_name = "GROUP")]
+    pub http_socket_group: Option<String>,
+
     /// Once set up, switch to this user (and its group); the capabilities set-up needed are dropped
     /// with or without it. Needs root.
     #[arg(long, value_name = "NAME")]
@@ -195,5 +236,16 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
         _ => Err(format!(
             "ring size '{s}' is not a power of two between 64 and 16384"
         )),
+    }
+}
+
+fn parse_fleet_url(s: &str) -> Result<String, String> {
+    crate::fleet::TargetUrl::parse(s).map(|_| s.to_string())
+}
+
+fn parse_socket_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!("'{s}' is not an octal file mode such as 0660")),
     }
 }

@@ -12,6 +12,7 @@ use super::args::{Mode, ServeArgs};
 use super::settings::{Setting, Settings};
 use crate::afxdp::SocketParams;
 use crate::core::Protocol;
+use crate::fleet::{FleetPlan, TargetUrl};
 use crate::http::HttpListen;
 use crate::iface;
 use crate::kernel::{Scheduling, WorkerConfig};
@@ -38,6 +39,10 @@ pub struct Config {
     pub user: Option<String>,
     /// `--state-dir`: where the counter is kept durable, and how often it is snapshotted.
     pub state: Option<StatePlan>,
+    /// `--fleet`: where the per-second history is shipped.
+    pub fleet: Option<FleetConfig>,
+    /// This instance's name in /summary and the fleet.
+    pub instance: String,
     /// Every setting with its value and where it came from (flag, environment, file, default).
     pub settings: Vec<Setting>,
 }
@@ -50,6 +55,18 @@ pub struct StatePlan {
     pub bpffs: PathBuf,
     #[serde(serialize_with = "as_text")]
     pub sync_interval: DurationText,
+    /// How long the per-second history is kept.
+    #[serde(serialize_with = "as_text")]
+    pub history_retention: DurationText,
+}
+
+/// The fleet shipper's plan; `/stats` shows the targets without their passwords.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FleetConfig {
+    #[serde(skip)]
+    pub plan: FleetPlan,
+    pub targets: Vec<String>,
+    pub instance: String,
 }
 
 /// The interface, the XDP program's attachment and, in afxdp mode, the sockets.
@@ -87,6 +104,9 @@ pub struct HttpPlan {
     #[serde(serialize_with = "as_text")]
     pub idle_timeout: DurationText,
     pub max_pending: u64,
+    /// The unix:// socket file's mode and group.
+    pub socket_mode: u32,
+    pub socket_group: Option<String>,
 }
 
 /// A duration shown the way flags take it (`10s`).
@@ -115,6 +135,8 @@ impl Config {
         let placement = Placement::plan(args.mode, &cpus, &allowed, args.sched_fifo);
         let http = resolve_http(&args, &cpus, &placement)?;
         let bypass = resolve_bypass(&args, placement.afxdp_fifo)?;
+        let instance = resolve_instance(&args)?;
+        let fleet = resolve_fleet(&args, &instance)?;
         Ok(Config {
             mode: args.mode,
             kernel: WorkerConfig {
@@ -135,14 +157,60 @@ impl Config {
             mlock: args.mlock,
             profile: args.profile,
             user: args.user,
+            fleet,
+            instance,
             state: args.state_dir.map(|dir| StatePlan {
                 dir,
                 bpffs: args.bpffs,
                 sync_interval: DurationText(args.sync_interval),
+                history_retention: DurationText(args.history_retention),
             }),
             settings: settings.table,
         })
     }
+}
+
+/// `--instance`, or the host name.
+fn resolve_instance(args: &ServeArgs) -> Result<String> {
+    let instance = match &args.instance {
+        Some(name) => name.clone(),
+        None => nix::unistd::gethostname()
+            .context("cannot read the host name: give --instance NAME")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    if instance.is_empty() || instance.len() > 200 || instance.chars().any(char::is_control) {
+        bail!("--instance '{instance}' must be 1 to 200 printable characters");
+    }
+    Ok(instance)
+}
+
+/// `--fleet` and its companions; None without a --fleet URL.
+fn resolve_fleet(args: &ServeArgs, instance: &str) -> Result<Option<FleetConfig>> {
+    if args.fleet.is_empty() {
+        return Ok(None);
+    }
+    if args.state_dir.is_none() {
+        bail!("--fleet needs --state-dir: records wait there while no database answers");
+    }
+    let targets = args
+        .fleet
+        .iter()
+        .map(|url| TargetUrl::parse(url).map_err(anyhow::Error::msg))
+        .collect::<Result<Vec<_>>>()?;
+    let plan = FleetPlan {
+        targets,
+        instance: instance.to_string(),
+        interval: args.fleet_interval,
+        retention: args.fleet_retention,
+        rollup_retention: args.fleet_rollup_retention,
+        stop_deadline: args.fleet_stop_deadline,
+    };
+    Ok(Some(FleetConfig {
+        targets: plan.targets.iter().map(|t| t.label.clone()).collect(),
+        instance: instance.to_string(),
+        plan,
+    }))
 }
 
 /// `--http`, its token and the number of HTTP workers.
@@ -175,6 +243,8 @@ fn resolve_http(
         header_timeout: DurationText(args.http_header_timeout),
         idle_timeout: DurationText(args.http_idle_timeout),
         max_pending: args.http_max_pending,
+        socket_mode: args.http_socket_mode,
+        socket_group: args.http_socket_group.clone(),
     }))
 }
 

@@ -9,25 +9,29 @@
 mod args;
 mod config;
 mod datapaths;
+mod history;
 mod publish;
 mod report;
 pub mod settings;
 mod state;
 
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::Signal;
 use sd_notify::NotifyState;
 
-use crate::http::{AppState, HttpBound, HttpListen, HttpServer};
+use crate::fleet::{FleetStatus, Shipper};
+use crate::http::{AppState, HistoryView, HttpBound, HttpListen, HttpServer};
 use crate::privilege::{self, Dropped, Lockdown};
 use crate::spec::Transport;
 use crate::sys;
 pub use args::{Mode, ServeArgs};
 pub use config::Config;
 use datapaths::Datapaths;
+use history::HistoryStore;
 pub use settings::Settings;
 use state::CounterState;
 
@@ -46,6 +50,7 @@ struct SetUp {
     http: Option<HttpBound>,
     dropped: Dropped,
     counter_state: Option<CounterState>,
+    history: Option<HistoryStore>,
 }
 
 /// Everything that needs privileges: the state directory, the datapaths and the HTTP listener.
@@ -59,6 +64,13 @@ fn set_up(config: &Config) -> Result<SetUp> {
     prepare_process(config)?;
     let counter_state = match &config.state {
         Some(plan) => Some(CounterState::open(plan, config.mode)?),
+        None => None,
+    };
+    let history = match &counter_state {
+        Some(state) => Some(HistoryStore::open(
+            state.dir.path(),
+            state.recovery.value,
+        )?),
         None => None,
     };
     let paths = Datapaths::start(config, &lockdown, counter_state.as_ref())?;
@@ -76,8 +88,14 @@ fn set_up(config: &Config) -> Result<SetUp> {
     });
     let owned: Vec<_> = sockets.chain(http_socket).collect();
     lockdown.hand_over(owned.iter().map(|p| p.as_path()))?;
+    if let (Some(plan), Some(bound)) = (&config.http, &http) {
+        publish::secure_http_socket(plan, &bound.bound)?;
+    }
     if let Some(state) = &counter_state {
         state.hand_over(lockdown.user_ids())?;
+    }
+    if let Some(history) = &history {
+        history.hand_over(lockdown.user_ids())?;
     }
     let dropped = lockdown
         .finish()
@@ -91,6 +109,7 @@ fn set_up(config: &Config) -> Result<SetUp> {
         http,
         dropped,
         counter_state,
+        history,
     })
 }
 
@@ -101,17 +120,9 @@ fn serve(config: &Config, set_up: SetUp) -> Result<()> {
         http,
         dropped,
         counter_state,
+        history,
     } = set_up;
-    let interval = config
-        .state
-        .as_ref()
-        .map_or(Duration::ZERO, |s| s.sync_interval.0);
-    let view = counter_state.as_ref().map(|s| s.view(interval));
-    let state = publish::app_state(config, &paths, &dropped, view);
-    let syncer = match counter_state {
-        Some(s) => Some(s.start_syncer(paths.counter.clone(), interval)?),
-        None => None,
-    };
+    let (state, keepers) = publish_and_keep(config, &paths, &dropped, counter_state, history)?;
     let http = match http {
         Some(bound) => Some(bound.serve(state.clone())?),
         None => None,
@@ -121,20 +132,84 @@ fn serve(config: &Config, set_up: SetUp) -> Result<()> {
     let ending = supervise(&paths, &state, http.as_ref());
     notify_service_manager(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
     // Shutdown: the endpoints first (they finish requests in flight), then the datapaths, then the
-    // final value is made durable.
+    // final value is made durable, recorded and shipped.
     state.readiness.stopping.store(true, Ordering::Relaxed);
     if let Some(server) = http {
         server.shutdown();
     }
     drop(state);
     let mut report = paths.finish();
-    if let Some(Err(e)) = syncer.map(|s| s.finish(report.final_counter)) {
-        report.errors.push(format!("{e:#}"));
-    }
+    keepers.finish(report.final_counter, &mut report.errors);
     report::print(&report.render(""))?;
     match (ending, report.errors.is_empty()) {
         (Ending::Signal, true) => Ok(()),
         (ending, _) => bail!("{}: {}", ending.failure(), report.errors.join("; ")),
+    }
+}
+
+/// The endpoints' state, and the threads that keep the counter and its history: the snapshot
+/// syncer, the history recorder and the fleet shipper.
+fn publish_and_keep(
+    config: &Config,
+    paths: &Datapaths,
+    dropped: &Dropped,
+    counter_state: Option<CounterState>,
+    history: Option<HistoryStore>,
+) -> Result<(Arc<AppState>, Keepers)> {
+    let plan = config.state.as_ref();
+    let interval = plan.map_or(Duration::ZERO, |s| s.sync_interval.0);
+    let view = counter_state.as_ref().map(|s| s.view(interval));
+    let dir = counter_state.as_ref().map(|s| s.dir.path().to_path_buf());
+    let fleet = config
+        .fleet
+        .as_ref()
+        .map(|f| Arc::new(FleetStatus::new(&f.plan)));
+    let history_view = match &dir {
+        Some(dir) => Some(HistoryView {
+            instance: config.instance.clone(),
+            store: Mutex::new(crate::history::History::open(dir)?),
+        }),
+        None => None,
+    };
+    let state = publish::app_state(config, paths, dropped, view, history_view, fleet.clone());
+    let mut keepers = Keepers::default();
+    if let Some(s) = counter_state {
+        keepers.syncer = Some(s.start_syncer(paths.counter.clone(), interval)?);
+    }
+    if let (Some(store), Some(plan)) = (history, plan) {
+        let read = history::reading_source(paths, &state);
+        let retention = plan.history_retention.0;
+        keepers.recording = Some(store.start(read, retention, fleet.is_some())?);
+    }
+    if let (Some(f), Some(status), Some(dir)) = (&config.fleet, fleet, &dir) {
+        keepers.shipper = Some(Shipper::start(f.plan.clone(), dir, status)?);
+    }
+    Ok((state, keepers))
+}
+
+/// The threads that outlive the datapaths by a little: each finishes after them, in order.
+#[derive(Default)]
+struct Keepers {
+    syncer: Option<state::Syncer>,
+    recording: Option<history::Recording>,
+    shipper: Option<Shipper>,
+}
+
+impl Keepers {
+    /// The final snapshot, then the last history record, then the shipper's last batches.
+    fn finish(self, final_counter: u64, errors: &mut Vec<String>) {
+        if let Some(Err(e)) = self.syncer.map(|s| s.finish(final_counter)) {
+            errors.push(format!("{e:#}"));
+        }
+        if let Some(Err(e)) = self.recording.map(history::Recording::finish) {
+            errors.push(format!("{e:#}"));
+        }
+        match self.shipper.map(Shipper::finish) {
+            Some(0) => tracing::info!("fleet: every record shipped"),
+            Some(u64::MAX) => {}
+            Some(n) => tracing::warn!("fleet: {n} records wait in the history store; they ship at the next start"),
+            None => {}
+        }
     }
 }
 

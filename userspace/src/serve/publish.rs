@@ -5,12 +5,15 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use super::config::{Config, HttpPlan};
 use super::datapaths::{Bypass, Datapaths};
 use super::state::StateView;
-use crate::http::{Access, AppState, HttpBound, HttpConfig, HttpServer, WorkerView};
+use crate::fleet::FleetStatus;
+use crate::http::{
+    Access, AppState, HistoryView, HttpBound, HttpConfig, HttpListen, HttpServer, WorkerView,
+};
 use crate::privilege::Dropped;
 use crate::spec::{PollMode, XdpAttachMode, ZeroCopy};
 use crate::xdp::AttachedMode;
@@ -95,6 +98,8 @@ pub fn app_state(
     paths: &Datapaths,
     privileges: &Dropped,
     counter_state: Option<StateView>,
+    history: Option<HistoryView>,
+    fleet: Option<Arc<FleetStatus>>,
 ) -> Arc<AppState> {
     let mut config_json = serde_json::to_value(config).expect("the configuration serialises");
     config_json["listen"] = serde_json::to_value(&paths.bound).expect("listen specs serialise");
@@ -104,6 +109,8 @@ pub fn app_state(
             .expect("the start-up facts serialise");
     state.workers = worker_views(paths);
     state.xdp_stats = paths.program().map(|p| Box::new(p.stats_reader()) as _);
+    state.history = history;
+    state.fleet = fleet;
     let readiness = &state.readiness;
     readiness
         .workers_expected
@@ -152,4 +159,22 @@ pub fn bind_http(config: &Config, plan: &HttpPlan) -> Result<HttpBound> {
         idle_timeout: plan.idle_timeout.0,
     };
     HttpServer::bind(http)
+}
+
+/// Sets the `--http unix://` socket file's mode and group (`--http-socket-mode`, `--http-socket-group`).
+pub fn secure_http_socket(plan: &HttpPlan, bound: &HttpListen) -> Result<()> {
+    let HttpListen::Unix(path) = bound else {
+        return Ok(());
+    };
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(plan.socket_mode))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    if let Some(name) = &plan.socket_group {
+        let group = nix::unistd::Group::from_name(name)
+            .with_context(|| format!("cannot look up group '{name}'"))?
+            .with_context(|| format!("--http-socket-group: no group named '{name}'"))?;
+        std::os::unix::fs::lchown(path, None, Some(group.gid.as_raw()))
+            .with_context(|| format!("cannot give {} to group {name}", path.display()))?;
+    }
+    Ok(())
 }

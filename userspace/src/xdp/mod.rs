@@ -148,13 +148,15 @@ impl XdpProgram {
     }
 
     /// The requests the program answered or dropped itself, as (replies, drops by reason).
-    pub fn in_kernel_totals(&self) -> Result<(u64, Vec<(DropReason, u64)>)> {
-        let stats = self.stats()?;
-        let drops = XdpStat::ALL
-            .iter()
-            .filter_map(|s| s.drop_reason().map(|r| (r, stats[*s as usize])))
-            .collect();
-        Ok((stats[XdpStat::Tx as usize], drops))
+    pub fn in_kernel_totals(&self) -> Result<InKernelTotals> {
+        Ok(in_kernel_totals(&self.stats()?))
+    }
+
+    /// A reader of [`XdpProgram::in_kernel_totals`] for other threads; it keeps working after the
+    /// program is dropped (it holds the map).
+    pub fn totals_reader(&self) -> impl Fn() -> Option<InKernelTotals> + Send + Sync + 'static {
+        let stats = self.stats.clone();
+        move || read_stats(&stats).ok().map(|values| in_kernel_totals(&values))
     }
 
     /// Replaces the listener table.
@@ -306,6 +308,17 @@ pub fn read_pinned_counter(path: &std::path::Path) -> Result<Option<u64>> {
         .with_context(|| format!("cannot open the pinned counter map {}", path.display()))?;
     let counter = MappedCounter::map(data.fd()).context("cannot mmap the pinned counter map")?;
     Ok(Some(crate::core::Counter::load(&counter)))
+}
+
+/// What an XDP program answered itself, and what it dropped by reason.
+pub type InKernelTotals = (u64, Vec<(DropReason, u64)>);
+
+fn in_kernel_totals(stats: &[u64; XdpStat::COUNT]) -> InKernelTotals {
+    let drops = XdpStat::ALL
+        .iter()
+        .filter_map(|s| s.drop_reason().map(|r| (r, stats[*s as usize])))
+        .collect();
+    (stats[XdpStat::Tx as usize], drops)
 }
 
 fn read_stats(array: &PerCpuArray<MapData, u64>) -> Result<[u64; XdpStat::COUNT]> {
