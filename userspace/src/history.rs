@@ -258,6 +258,16 @@ impl History {
         Ok(value.map(from_sql))
     }
 
+    /// Stores where a new history starts counting from (the counter before this process served
+    /// anything), so that a crash before the first record loses nothing either.
+    pub fn set_start(&self, counter: u64) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('counter', ?1) ON CONFLICT (key) DO NOTHING",
+            [to_sql(counter)],
+        )?;
+        Ok(())
+    }
+
     /// Stores `record` (adding to a record of the same second) and the counter it ends at.
     pub fn append(&mut self, record: &Second, counter: u64) -> Result<()> {
         let tx = self.conn.transaction()?;

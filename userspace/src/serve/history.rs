@@ -38,7 +38,10 @@ impl HistoryStore {
                 tracing::warn!("the history's last counter ({last}) is ahead of the counter ({resumed}); the next record counts from the counter");
                 resumed
             }
-            None => resumed,
+            None => {
+                history.set_start(resumed)?;
+                resumed
+            }
         };
         Ok(HistoryStore { history, baseline })
     }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use ricochet::wire::CounterRepr;
 
+pub mod postgres;
 mod skip;
 pub use skip::skip;
 

@@ -1,0 +1,417 @@
+//! The per-second history and the fleet, end to end against real servers: `serve --state-dir`'s
+//! `/summary` equals the counter across SIGKILL; `serve --fleet` ships to a real PostgreSQL through
+//! an outage, a SIGKILL and a replay without losing or double counting; a fallback takes over from
+//! a dead primary and hands back; a one-hour fleet summary reads one day partition.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::postgres::Postgres;
+use common::*;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+fn free_udp_port() -> u16 {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.local_addr().unwrap().port()
+}
+
+fn state_dir(tag: &str) -> PathBuf {
+    let dir = temp_path(&format!("fleet-{tag}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// `serve` on a fixed UDP port (kept across restarts) with a state directory and `extra` flags.
+fn start(dir: &Path, port: u16, extra: &[&str]) -> Server {
+    let listen = format!("udp://127.0.0.1:{port}");
+    let mut args = vec!["--listen", &listen, "--state-dir", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+/// Sends `n` counter requests with increments 1..=997 (every reply checked); returns their sum.
+fn send(port: u16, n: usize, seed: u64) -> u64 {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.connect(("127.0.0.1", port)).unwrap();
+    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut rng = Rng::new(seed);
+    let mut sum = 0;
+    let mut buf = [0u8; 64];
+    for _ in 0..n {
+        let increment = 1 + rng.below(997);
+        socket.send(&frame(increment)).unwrap();
+        let got = socket.recv(&mut buf).expect("a reply within 5 s");
+        assert_eq!(got, 16);
+        sum += increment;
+    }
+    sum
+}
+
+/// Sends `n` frames whose hash is wrong: each is dropped as bad_hash.
+fn send_bad(port: u16, n: usize) {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..n {
+        let mut bad = frame(5 + i as u64);
+        bad[15] ^= 0xff;
+        socket.send_to(&bad, ("127.0.0.1", port)).unwrap();
+    }
+}
+
+/// POST /counter {"increment": n}.
+fn post_increment(http: SocketAddr, n: u64) {
+    let body = format!("{{\"increment\": {n}}}");
+    let mut conn = std::net::TcpStream::connect(http).unwrap();
+    write!(
+        conn,
+        "POST /counter HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+}
+
+fn get_json(http: SocketAddr, path: &str) -> Value {
+    let (status, body) = http_get(http, path);
+    assert_eq!(status, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn counter(http: SocketAddr) -> u64 {
+    get_json(http, "/counter")["value"].as_u64().unwrap()
+}
+
+/// A metric's value from /metrics (`name` with its labels, as printed).
+fn metric(http: SocketAddr, name: &str) -> f64 {
+    let (_, text) = http_get(http, "/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+}
+
+/// Polls `check` every 100 ms until it holds; fails after `limit` with `what`.
+fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `/summary`'s total increments (u64 here: the tests' sums are small).
+fn summary_increments(http: SocketAddr) -> u64 {
+    get_json(http, "/summary")["total"]["increments"].as_u64().unwrap()
+}
+
+/// `ricochet fleet summary --json` through the real command.
+fn fleet_summary(urls: &[String], range: &[&str]) -> Value {
+    let mut command = Command::new(BIN);
+    command.args(["fleet", "summary", "--json"]);
+    for url in urls {
+        command.args(["--fleet", url]);
+    }
+    let out = command.args(range).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn instance_increments(summary: &Value, instance: &str) -> u64 {
+    summary["instances"][instance]["increments"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn the_history_keeps_every_increment_across_sigkill_and_summary_equals_the_counter() {
+    let dir = state_dir("history");
+    let port = free_udp_port();
+    let server = start(&dir, port, &[]);
+    let http = server.addr("http+");
+    let mut sum = send(port, 3000, 1);
+    post_increment(http, 1_000_000);
+    sum += 1_000_000;
+    // Killed right after the last request: the history has not recorded the last second yet, but
+    // the counter has; the next record takes the difference.
+    let (_, _) = server.signal(Signal::SIGKILL);
+    let server = start(&dir, port, &[]);
+    let http = server.addr("http+");
+    assert_eq!(counter(http), sum);
+    sum += send(port, 2000, 2);
+    send_bad(port, 7);
+    wait_until(Duration::from_secs(5), "/summary holds every increment", || {
+        summary_increments(http) == sum
+    });
+    let all = get_json(http, "/summary?series=1");
+    let series = all["seconds"].as_array().unwrap();
+    let seconds: Vec<i64> = series.iter().map(|s| s["second"].as_i64().unwrap()).collect();
+    assert!(seconds.windows(2).all(|w| w[0] < w[1]), "{seconds:?}");
+    let series_sum: u64 = series.iter().map(|s| s["increments"].as_u64().unwrap()).sum();
+    assert_eq!(series_sum, sum);
+    // The bad frames were counted as drops, in some second of this run.
+    wait_until(Duration::from_secs(5), "the drops are recorded", || {
+        get_json(http, "/summary")["total"]["drops"]["bad_hash"] == 7
+    });
+    // A split range adds up to the whole, with RFC 3339 bounds too.
+    let mid = seconds[seconds.len() / 2];
+    let before = get_json(http, &format!("/summary?to={mid}"));
+    let after = get_json(http, &format!("/summary?from={}", ricochet::history::format_time(mid)));
+    let parts = before["total"]["increments"].as_u64().unwrap() + after["total"]["increments"].as_u64().unwrap();
+    assert_eq!(parts, sum);
+    let (status, body) = http_get(http, "/summary?from=tomorrow");
+    assert_eq!(status, 400, "{body}");
+    // SIGTERM writes the part of the current second served so far: equal at once after a restart.
+    sum += send(port, 500, 3);
+    let (ok, _) = server.terminate();
+    assert!(ok);
+    let server = start(&dir, port, &[]);
+    let http = server.addr("http+");
+    assert_eq!(summary_increments(http), sum);
+    assert_eq!(counter(http), sum);
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn without_a_state_directory_summary_says_what_it_needs() {
+    let server = Server::start(&["--listen", "udp://127.0.0.1:0"]);
+    let (status, body) = http_get(server.addr("http+"), "/summary");
+    assert_eq!(status, 404);
+    assert!(body.contains("--state-dir"), "{body}");
+}
+
+/// A per-target fleet metric's name with its label.
+fn target_metric(name: &str, pg: &Postgres) -> String {
+    format!("ricochet_fleet_{name}{{target=\"127.0.0.1:{}/postgres\"}}", pg.port)
+}
+
+/// Waits until nothing waits for the fleet and returns the fleet's view of `instance`.
+fn wait_shipped(http: SocketAddr, urls: &[String], instance: &str, expected: u64) -> Value {
+    wait_until(Duration::from_secs(30), "every record is shipped", || {
+        metric(http, "ricochet_fleet_waiting_records") == 0.0
+            && instance_increments(&fleet_summary(urls, &[]), instance) == expected
+    });
+    fleet_summary(urls, &[])
+}
+
+#[test]
+fn the_fleet_gets_every_record_exactly_once_through_an_outage_a_sigkill_and_a_replay() {
+    let Some(pg) = Postgres::start("outage") else {
+        return;
+    };
+    let urls = vec![pg.url()];
+    let dir = state_dir("outage");
+    let port = free_udp_port();
+    let flags = ["--fleet", &urls[0], "--fleet-interval", "200ms", "--instance", "alpha"];
+    let server = start(&dir, port, &flags);
+    let http = server.addr("http+");
+    let mut sum = send(port, 2000, 11);
+    wait_shipped(http, &urls, "alpha", sum);
+    assert_eq!(metric(http, &target_metric("up", &pg)), 1.0);
+
+    // The database goes away: the packet path does not notice, records wait, the breaker opens.
+    pg.crash();
+    sum += send(port, 2000, 12);
+    wait_until(Duration::from_secs(15), "the breaker opens and records wait", || {
+        metric(http, &target_metric("breaker_state", &pg)) == 2.0
+            && metric(http, "ricochet_fleet_waiting_records") > 0.0
+    });
+    assert_eq!(metric(http, &target_metric("up", &pg)), 0.0);
+    // SIGKILL while the database is still down; the next start serves without it.
+    let (_, _) = server.signal(Signal::SIGKILL);
+    let server = start(&dir, port, &flags);
+    let http = server.addr("http+");
+    sum += send(port, 1000, 13);
+    pg.start_again();
+    let fleet = wait_shipped(http, &urls, "alpha", sum);
+    assert_eq!(counter(http), sum);
+    let local = get_json(http, "/summary");
+    assert_eq!(fleet["instances"]["alpha"], local["total"], "the fleet and /summary agree");
+
+    // A replay: every record marked unshipped and sent again changes nothing.
+    let (ok, _) = server.terminate();
+    assert!(ok);
+    let rows = reset_shipped(&dir);
+    let server = start(&dir, port, &flags);
+    let http = server.addr("http+");
+    wait_until(Duration::from_secs(30), "the replay is shipped", || {
+        metric(http, "ricochet_fleet_shipped_records_total") >= rows as f64
+            && metric(http, "ricochet_fleet_waiting_records") == 0.0
+    });
+    let replayed = fleet_summary(&urls, &[]);
+    assert_eq!(instance_increments(&replayed, "alpha"), sum);
+    assert_eq!(replayed["total"], get_json(http, "/summary")["total"]);
+    assert_rollup_matches_seconds(&pg);
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Marks every local record unshipped (as a lost acknowledgement would leave them); returns how many.
+fn reset_shipped(dir: &Path) -> usize {
+    let db = rusqlite::Connection::open(dir.join("history.sqlite")).unwrap();
+    db.execute("UPDATE seconds SET shipped_rev = 0", []).unwrap()
+}
+
+/// The per-minute rollup holds exactly the per-second rows' sums.
+fn assert_rollup_matches_seconds(pg: &Postgres) {
+    let mut client = pg.client();
+    let row = client
+        .query_one(
+            "SELECT (SELECT sum(increments)::text FROM ricochet_seconds),
+                    (SELECT sum(increments)::text FROM ricochet_minutes),
+                    (SELECT count(*) FROM ricochet_seconds),
+                    (SELECT sum(seconds)::bigint FROM ricochet_minutes)",
+            &[],
+        )
+        .unwrap();
+    let (seconds, minutes): (String, String) = (row.get(0), row.get(1));
+    assert_eq!(seconds, minutes);
+    assert_eq!(row.get::<_, i64>(2), row.get::<_, i64>(3));
+}
+
+#[test]
+fn a_fallback_takes_the_records_while_the_primary_is_down_and_the_primary_gets_them_back() {
+    let (Some(primary), Some(fallback)) = (Postgres::start("primary"), Postgres::start("fallback")) else {
+        return;
+    };
+    primary.crash();
+    let urls = vec![primary.url(), fallback.url()];
+    let dir = state_dir("fallback");
+    let port = free_udp_port();
+    let flags = ["--fleet", &urls[0], "--fleet", &urls[1], "--fleet-interval", "200ms", "--instance", "beta"];
+    let server = start(&dir, port, &flags);
+    let http = server.addr("http+");
+    let mut sum = send(port, 1000, 21);
+    wait_until(Duration::from_secs(30), "the fallback has every record", || {
+        metric(http, "ricochet_fleet_waiting_records") == 0.0
+            && instance_increments(&fleet_summary(&urls[1..], &[]), "beta") == sum
+    });
+    assert_eq!(metric(http, &target_metric("up", &primary)), 0.0);
+    assert_eq!(metric(http, &target_metric("up", &fallback)), 1.0);
+    // Failing rounds open the primary's breaker: it is skipped until a probe after the pause.
+    wait_until(Duration::from_secs(30), "the primary's breaker opens", || {
+        metric(http, &target_metric("breaker_state", &primary)) == 2.0
+    });
+    // The primary returns: once its breaker lets a probe through, it takes the records again.
+    primary.start_again();
+    wait_until(Duration::from_secs(30), "the primary is back up", || {
+        metric(http, &target_metric("up", &primary)) == 1.0
+    });
+    sum += send(port, 1000, 22);
+    let (ok, _) = server.terminate();
+    assert!(ok);
+    let on_primary = instance_increments(&fleet_summary(&urls[..1], &[]), "beta");
+    let on_fallback = instance_increments(&fleet_summary(&urls[1..], &[]), "beta");
+    assert!(on_primary > 0, "nothing reached the primary after it returned");
+    assert_eq!(on_primary + on_fallback, sum, "each record went to exactly one target");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Records for `instance`: `per_day` consecutive seconds from noon of each of `days` (UTC days).
+fn records(days: &[i64], per_day: i64) -> Vec<ricochet::history::Waiting> {
+    let mut out = Vec::new();
+    for &day in days {
+        for i in 0..per_day {
+            let mut record = ricochet::history::Second {
+                second: day * 86_400 + 43_200 + i,
+                increments: 1000 + i as u64,
+                requests: 3,
+                replies: 2,
+                ..Default::default()
+            };
+            record.drops[ricochet::stats::DropReason::BadHash.index()] = 1;
+            out.push(ricochet::history::Waiting { record, rev: 1 });
+        }
+    }
+    out
+}
+
+/// The relations an EXPLAIN (FORMAT JSON) plan reads.
+fn relations(plan: &Value, out: &mut Vec<String>) {
+    match plan {
+        Value::Object(map) => {
+            if let Some(Value::String(name)) = map.get("Relation Name") {
+                out.push(name.clone());
+            }
+            map.values().for_each(|v| relations(v, out));
+        }
+        Value::Array(items) => items.iter().for_each(|v| relations(v, out)),
+        _ => {}
+    }
+}
+
+fn explain(client: &mut ::postgres::Client, sql: &str) -> Vec<String> {
+    // The plan comes as json, which the simple protocol hands over as text.
+    let messages = client.simple_query(&format!("EXPLAIN (FORMAT JSON) {sql}")).unwrap();
+    let text = messages
+        .iter()
+        .find_map(|m| match m {
+            ::postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+            _ => None,
+        })
+        .expect("EXPLAIN returns a plan");
+    let plan: Value = serde_json::from_str(&text).unwrap();
+    let mut out = Vec::new();
+    relations(&plan, &mut out);
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[test]
+fn a_one_hour_summary_reads_one_day_partition_replays_change_nothing_and_retention_drops_days() {
+    use ricochet::fleet::summary::{piece_sql, plan, query};
+    use ricochet::fleet::{schema, Target, TargetUrl};
+    let Some(pg) = Postgres::start("schema") else {
+        return;
+    };
+    let today = ricochet::history::unix_now().div_euclid(86_400);
+    let days = [today - 9, today - 1, today];
+    let batch = records(&days, 120);
+    let mut target = Target::new(TargetUrl::parse(&pg.url()).unwrap());
+    target.ship("gamma", &batch, Duration::from_secs(5)).unwrap();
+    let mut client = pg.client();
+    let expected: u64 = batch.iter().map(|w| w.record.increments).sum();
+    let total = |client: &mut ::postgres::Client| query(client, None, None).unwrap().total;
+    let first = total(&mut client);
+    assert_eq!(first.increments, u128::from(expected));
+    assert_eq!((first.requests, first.replies), (1080, 720));
+    assert_eq!(first.drops[ricochet::stats::DropReason::BadHash.index()], 360);
+    // The same batch again, and once more from a second instance of the shipper: no change.
+    target.ship("gamma", &batch, Duration::from_secs(5)).unwrap();
+    let mut other = Target::new(TargetUrl::parse(&pg.url()).unwrap());
+    other.ship("gamma", &batch[..100], Duration::from_secs(5)).unwrap();
+    assert_eq!(total(&mut client), first);
+    schema::migrate(&mut client).unwrap();
+    let versions: i64 = client.query_one("SELECT count(*) FROM ricochet_schema_version", &[]).unwrap().get(0);
+    assert_eq!(versions, i64::from(schema::VERSION));
+
+    // One hour of today: the planner reads today's partition only.
+    let noon = today * 86_400 + 43_200;
+    let hour = plan(Some(noon), noon + 3600);
+    assert_eq!(hour.len(), 1);
+    let (today_partition, _, _) = schema::second_partition(today).unwrap();
+    assert_eq!(explain(&mut client, &piece_sql(&hour[0])), [today_partition.clone()]);
+    let summed = query(&mut client, Some(noon), Some(noon + 3600)).unwrap();
+    assert_eq!(summed.instances["gamma"].requests, 360);
+    // Ten days: whole minutes from the rollup, the ragged ends from at most two day partitions.
+    let long = plan(Some(noon - 10 * 86_400 + 30), noon + 90);
+    let mut read = Vec::new();
+    for piece in &long {
+        read.extend(explain(&mut client, &piece_sql(piece)));
+    }
+    assert!(read.iter().filter(|r| r.starts_with("ricochet_seconds_p")).count() <= 2, "{read:?}");
+    assert!(read.iter().any(|r| r.starts_with("ricochet_minutes_p")), "{read:?}");
+    let long_total = query(&mut client, Some(noon - 10 * 86_400 + 30), Some(noon + 120)).unwrap();
+    assert_eq!(long_total.total, first);
+
+    // Retention: days wholly older than seven days go, as whole partitions.
+    let dropped = schema::drop_partitions_before(&mut client, "ricochet_seconds", (today - 7) * 86_400).unwrap();
+    assert_eq!(dropped, [schema::second_partition(today - 9).unwrap().0]);
+    let left: i64 = client.query_one("SELECT count(*) FROM ricochet_seconds", &[]).unwrap().get(0);
+    assert_eq!(left, 240);
+}
