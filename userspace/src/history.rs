@@ -8,7 +8,7 @@
 //! restart. Requests, replies and drops are the process's own statistics: the part of a second a
 //! crash cut short is lost with the process.
 //!
-//! Records also wait here for the fleet shipper ([`crate::fleet`]): each row carries a revision,
+//! Records also wait here for the fleet shipper (the `fleet` module): each row carries a revision,
 //! bumped on every write, and the revision last shipped. A row is waiting while the two differ.
 
 use std::path::{Path, PathBuf};
@@ -23,7 +23,7 @@ use crate::stats::DropReason;
 pub const FILE: &str = "history.sqlite";
 
 /// Version 1 of the local schema. One column per drop reason; a test keeps it in step with
-/// [`DropReason::ALL`], so a new reason needs a new version here and in [`crate::fleet`]'s schema.
+/// [`DropReason::ALL`], so a new reason needs a new version here and in the `fleet` schema.
 const SCHEMA_V1: &str = "
 CREATE TABLE seconds (
     second INTEGER PRIMARY KEY,      -- Unix seconds: the record covers [second, second + 1)
@@ -161,7 +161,10 @@ fn columns() -> String {
         .iter()
         .map(|r| format!("drop_{}", r.as_str()))
         .collect();
-    format!("second, increments, requests, replies, {}", drops.join(", "))
+    format!(
+        "second, increments, requests, replies, {}",
+        drops.join(", ")
+    )
 }
 
 fn to_sql(n: u64) -> i64 {
@@ -204,9 +207,9 @@ impl History {
         // A machine crash may lose the last records' commits, never the database.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         let history = History { conn, path };
-        history
-            .migrate()
-            .with_context(|| format!("cannot set up the history store {}", history.path.display()))?;
+        history.migrate().with_context(|| {
+            format!("cannot set up the history store {}", history.path.display())
+        })?;
         Ok(history)
     }
 
@@ -447,10 +450,16 @@ mod test {
         });
         // 30 increments happened before the restart, 12 after, in 10 requests (2 bad).
         let s = recorder.record(1000, reading(142, 10, 2));
-        assert_eq!((s.second, s.increments, s.requests, s.replies), (1000, 42, 10, 8));
+        assert_eq!(
+            (s.second, s.increments, s.requests, s.replies),
+            (1000, 42, 10, 8)
+        );
         assert_eq!(s.drops[DropReason::BadHash.index()], 2);
         let s = recorder.record(1001, reading(142, 10, 2));
-        assert_eq!((s.increments, s.requests, s.drops), (0, 0, [0; DropReason::COUNT]));
+        assert_eq!(
+            (s.increments, s.requests, s.drops),
+            (0, 0, [0; DropReason::COUNT])
+        );
         assert_eq!(recorder.counter(), 142);
     }
 

@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the responder.
-    Serve(ricochet::serve::ServeArgs),
+    Serve(Box<ricochet::serve::ServeArgs>),
     /// Load a responder and measure latency and throughput.
     Bench(ricochet::bench::BenchArgs),
     /// Check, apply or revert a hardware profile (hw-profiles/*.toml).

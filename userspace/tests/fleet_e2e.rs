@@ -107,7 +107,9 @@ fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
 
 /// `/summary`'s total increments (u64 here: the tests' sums are small).
 fn summary_increments(http: SocketAddr) -> u64 {
-    get_json(http, "/summary")["total"]["increments"].as_u64().unwrap()
+    get_json(http, "/summary")["total"]["increments"]
+        .as_u64()
+        .unwrap()
 }
 
 /// `ricochet fleet summary --json` through the real command.
@@ -118,12 +120,18 @@ fn fleet_summary(urls: &[String], range: &[&str]) -> Value {
         command.args(["--fleet", url]);
     }
     let out = command.args(range).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn instance_increments(summary: &Value, instance: &str) -> u64 {
-    summary["instances"][instance]["increments"].as_u64().unwrap_or(0)
+    summary["instances"][instance]["increments"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 #[test]
@@ -143,14 +151,22 @@ fn the_history_keeps_every_increment_across_sigkill_and_summary_equals_the_count
     assert_eq!(counter(http), sum);
     sum += send(port, 2000, 2);
     send_bad(port, 7);
-    wait_until(Duration::from_secs(5), "/summary holds every increment", || {
-        summary_increments(http) == sum
-    });
+    wait_until(
+        Duration::from_secs(5),
+        "/summary holds every increment",
+        || summary_increments(http) == sum,
+    );
     let all = get_json(http, "/summary?series=1");
     let series = all["seconds"].as_array().unwrap();
-    let seconds: Vec<i64> = series.iter().map(|s| s["second"].as_i64().unwrap()).collect();
+    let seconds: Vec<i64> = series
+        .iter()
+        .map(|s| s["second"].as_i64().unwrap())
+        .collect();
     assert!(seconds.windows(2).all(|w| w[0] < w[1]), "{seconds:?}");
-    let series_sum: u64 = series.iter().map(|s| s["increments"].as_u64().unwrap()).sum();
+    let series_sum: u64 = series
+        .iter()
+        .map(|s| s["increments"].as_u64().unwrap())
+        .sum();
     assert_eq!(series_sum, sum);
     // The bad frames were counted as drops, in some second of this run.
     wait_until(Duration::from_secs(5), "the drops are recorded", || {
@@ -159,8 +175,12 @@ fn the_history_keeps_every_increment_across_sigkill_and_summary_equals_the_count
     // A split range adds up to the whole, with RFC 3339 bounds too.
     let mid = seconds[seconds.len() / 2];
     let before = get_json(http, &format!("/summary?to={mid}"));
-    let after = get_json(http, &format!("/summary?from={}", ricochet::history::format_time(mid)));
-    let parts = before["total"]["increments"].as_u64().unwrap() + after["total"]["increments"].as_u64().unwrap();
+    let after = get_json(
+        http,
+        &format!("/summary?from={}", ricochet::history::format_time(mid)),
+    );
+    let parts = before["total"]["increments"].as_u64().unwrap()
+        + after["total"]["increments"].as_u64().unwrap();
     assert_eq!(parts, sum);
     let (status, body) = http_get(http, "/summary?from=tomorrow");
     assert_eq!(status, 400, "{body}");
@@ -186,7 +206,10 @@ fn without_a_state_directory_summary_says_what_it_needs() {
 
 /// A per-target fleet metric's name with its label.
 fn target_metric(name: &str, pg: &Postgres) -> String {
-    format!("ricochet_fleet_{name}{{target=\"127.0.0.1:{}/postgres\"}}", pg.port)
+    format!(
+        "ricochet_fleet_{name}{{target=\"127.0.0.1:{}/postgres\"}}",
+        pg.port
+    )
 }
 
 /// Waits until nothing waits for the fleet and returns the fleet's view of `instance`.
@@ -206,7 +229,14 @@ fn the_fleet_gets_every_record_exactly_once_through_an_outage_a_sigkill_and_a_re
     let urls = vec![pg.url()];
     let dir = state_dir("outage");
     let port = free_udp_port();
-    let flags = ["--fleet", &urls[0], "--fleet-interval", "200ms", "--instance", "alpha"];
+    let flags = [
+        "--fleet",
+        &urls[0],
+        "--fleet-interval",
+        "200ms",
+        "--instance",
+        "alpha",
+    ];
     let server = start(&dir, port, &flags);
     let http = server.addr("http+");
     let mut sum = send(port, 2000, 11);
@@ -216,10 +246,14 @@ fn the_fleet_gets_every_record_exactly_once_through_an_outage_a_sigkill_and_a_re
     // The database goes away: the packet path does not notice, records wait, the breaker opens.
     pg.crash();
     sum += send(port, 2000, 12);
-    wait_until(Duration::from_secs(15), "the breaker opens and records wait", || {
-        metric(http, &target_metric("breaker_state", &pg)) == 2.0
-            && metric(http, "ricochet_fleet_waiting_records") > 0.0
-    });
+    wait_until(
+        Duration::from_secs(15),
+        "the breaker opens and records wait",
+        || {
+            metric(http, &target_metric("breaker_state", &pg)) == 2.0
+                && metric(http, "ricochet_fleet_waiting_records") > 0.0
+        },
+    );
     assert_eq!(metric(http, &target_metric("up", &pg)), 0.0);
     // SIGKILL while the database is still down; the next start serves without it.
     let (_, _) = server.signal(Signal::SIGKILL);
@@ -230,7 +264,10 @@ fn the_fleet_gets_every_record_exactly_once_through_an_outage_a_sigkill_and_a_re
     let fleet = wait_shipped(http, &urls, "alpha", sum);
     assert_eq!(counter(http), sum);
     let local = get_json(http, "/summary");
-    assert_eq!(fleet["instances"]["alpha"], local["total"], "the fleet and /summary agree");
+    assert_eq!(
+        fleet["instances"]["alpha"], local["total"],
+        "the fleet and /summary agree"
+    );
 
     // A replay: every record marked unshipped and sent again changes nothing.
     let (ok, _) = server.terminate();
@@ -253,7 +290,8 @@ fn the_fleet_gets_every_record_exactly_once_through_an_outage_a_sigkill_and_a_re
 /// Marks every local record unshipped (as a lost acknowledgement would leave them); returns how many.
 fn reset_shipped(dir: &Path) -> usize {
     let db = rusqlite::Connection::open(dir.join("history.sqlite")).unwrap();
-    db.execute("UPDATE seconds SET shipped_rev = 0", []).unwrap()
+    db.execute("UPDATE seconds SET shipped_rev = 0", [])
+        .unwrap()
 }
 
 /// The per-minute rollup holds exactly the per-second rows' sums.
@@ -275,27 +313,43 @@ fn assert_rollup_matches_seconds(pg: &Postgres) {
 
 #[test]
 fn a_fallback_takes_the_records_while_the_primary_is_down_and_the_primary_gets_them_back() {
-    let (Some(primary), Some(fallback)) = (Postgres::start("primary"), Postgres::start("fallback")) else {
+    let (Some(primary), Some(fallback)) = (Postgres::start("primary"), Postgres::start("fallback"))
+    else {
         return;
     };
     primary.crash();
-    let urls = vec![primary.url(), fallback.url()];
+    let urls = [primary.url(), fallback.url()];
     let dir = state_dir("fallback");
     let port = free_udp_port();
-    let flags = ["--fleet", &urls[0], "--fleet", &urls[1], "--fleet-interval", "200ms", "--instance", "beta"];
+    let flags = [
+        "--fleet",
+        &urls[0],
+        "--fleet",
+        &urls[1],
+        "--fleet-interval",
+        "200ms",
+        "--instance",
+        "beta",
+    ];
     let server = start(&dir, port, &flags);
     let http = server.addr("http+");
     let mut sum = send(port, 1000, 21);
-    wait_until(Duration::from_secs(30), "the fallback has every record", || {
-        metric(http, "ricochet_fleet_waiting_records") == 0.0
-            && instance_increments(&fleet_summary(&urls[1..], &[]), "beta") == sum
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "the fallback has every record",
+        || {
+            metric(http, "ricochet_fleet_waiting_records") == 0.0
+                && instance_increments(&fleet_summary(&urls[1..], &[]), "beta") == sum
+        },
+    );
     assert_eq!(metric(http, &target_metric("up", &primary)), 0.0);
     assert_eq!(metric(http, &target_metric("up", &fallback)), 1.0);
     // Failing rounds open the primary's breaker: it is skipped until a probe after the pause.
-    wait_until(Duration::from_secs(30), "the primary's breaker opens", || {
-        metric(http, &target_metric("breaker_state", &primary)) == 2.0
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "the primary's breaker opens",
+        || metric(http, &target_metric("breaker_state", &primary)) == 2.0,
+    );
     // The primary returns: once its breaker lets a probe through, it takes the records again.
     primary.start_again();
     wait_until(Duration::from_secs(30), "the primary is back up", || {
@@ -306,8 +360,15 @@ fn a_fallback_takes_the_records_while_the_primary_is_down_and_the_primary_gets_t
     assert!(ok);
     let on_primary = instance_increments(&fleet_summary(&urls[..1], &[]), "beta");
     let on_fallback = instance_increments(&fleet_summary(&urls[1..], &[]), "beta");
-    assert!(on_primary > 0, "nothing reached the primary after it returned");
-    assert_eq!(on_primary + on_fallback, sum, "each record went to exactly one target");
+    assert!(
+        on_primary > 0,
+        "nothing reached the primary after it returned"
+    );
+    assert_eq!(
+        on_primary + on_fallback,
+        sum,
+        "each record went to exactly one target"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -346,7 +407,9 @@ fn relations(plan: &Value, out: &mut Vec<String>) {
 
 fn explain(client: &mut ::postgres::Client, sql: &str) -> Vec<String> {
     // The plan comes as json, which the simple protocol hands over as text.
-    let messages = client.simple_query(&format!("EXPLAIN (FORMAT JSON) {sql}")).unwrap();
+    let messages = client
+        .simple_query(&format!("EXPLAIN (FORMAT JSON) {sql}"))
+        .unwrap();
     let text = messages
         .iter()
         .find_map(|m| match m {
@@ -373,21 +436,33 @@ fn a_one_hour_summary_reads_one_day_partition_replays_change_nothing_and_retenti
     let days = [today - 9, today - 1, today];
     let batch = records(&days, 120);
     let mut target = Target::new(TargetUrl::parse(&pg.url()).unwrap());
-    target.ship("gamma", &batch, Duration::from_secs(5)).unwrap();
+    target
+        .ship("gamma", &batch, Duration::from_secs(5))
+        .unwrap();
     let mut client = pg.client();
     let expected: u64 = batch.iter().map(|w| w.record.increments).sum();
     let total = |client: &mut ::postgres::Client| query(client, None, None).unwrap().total;
     let first = total(&mut client);
     assert_eq!(first.increments, u128::from(expected));
     assert_eq!((first.requests, first.replies), (1080, 720));
-    assert_eq!(first.drops[ricochet::stats::DropReason::BadHash.index()], 360);
+    assert_eq!(
+        first.drops[ricochet::stats::DropReason::BadHash.index()],
+        360
+    );
     // The same batch again, and once more from a second instance of the shipper: no change.
-    target.ship("gamma", &batch, Duration::from_secs(5)).unwrap();
+    target
+        .ship("gamma", &batch, Duration::from_secs(5))
+        .unwrap();
     let mut other = Target::new(TargetUrl::parse(&pg.url()).unwrap());
-    other.ship("gamma", &batch[..100], Duration::from_secs(5)).unwrap();
+    other
+        .ship("gamma", &batch[..100], Duration::from_secs(5))
+        .unwrap();
     assert_eq!(total(&mut client), first);
     schema::migrate(&mut client).unwrap();
-    let versions: i64 = client.query_one("SELECT count(*) FROM ricochet_schema_version", &[]).unwrap().get(0);
+    let versions: i64 = client
+        .query_one("SELECT count(*) FROM ricochet_schema_version", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(versions, i64::from(schema::VERSION));
 
     // One hour of today: the planner reads today's partition only.
@@ -395,7 +470,10 @@ fn a_one_hour_summary_reads_one_day_partition_replays_change_nothing_and_retenti
     let hour = plan(Some(noon), noon + 3600);
     assert_eq!(hour.len(), 1);
     let (today_partition, _, _) = schema::second_partition(today).unwrap();
-    assert_eq!(explain(&mut client, &piece_sql(&hour[0])), [today_partition.clone()]);
+    assert_eq!(
+        explain(&mut client, &piece_sql(&hour[0])),
+        std::slice::from_ref(&today_partition)
+    );
     let summed = query(&mut client, Some(noon), Some(noon + 3600)).unwrap();
     assert_eq!(summed.instances["gamma"].requests, 360);
     // Ten days: whole minutes from the rollup, the ragged ends from at most two day partitions.
@@ -404,14 +482,28 @@ fn a_one_hour_summary_reads_one_day_partition_replays_change_nothing_and_retenti
     for piece in &long {
         read.extend(explain(&mut client, &piece_sql(piece)));
     }
-    assert!(read.iter().filter(|r| r.starts_with("ricochet_seconds_p")).count() <= 2, "{read:?}");
-    assert!(read.iter().any(|r| r.starts_with("ricochet_minutes_p")), "{read:?}");
+    assert!(
+        read.iter()
+            .filter(|r| r.starts_with("ricochet_seconds_p"))
+            .count()
+            <= 2,
+        "{read:?}"
+    );
+    assert!(
+        read.iter().any(|r| r.starts_with("ricochet_minutes_p")),
+        "{read:?}"
+    );
     let long_total = query(&mut client, Some(noon - 10 * 86_400 + 30), Some(noon + 120)).unwrap();
     assert_eq!(long_total.total, first);
 
     // Retention: days wholly older than seven days go, as whole partitions.
-    let dropped = schema::drop_partitions_before(&mut client, "ricochet_seconds", (today - 7) * 86_400).unwrap();
+    let dropped =
+        schema::drop_partitions_before(&mut client, "ricochet_seconds", (today - 7) * 86_400)
+            .unwrap();
     assert_eq!(dropped, [schema::second_partition(today - 9).unwrap().0]);
-    let left: i64 = client.query_one("SELECT count(*) FROM ricochet_seconds", &[]).unwrap().get(0);
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM ricochet_seconds", &[])
+        .unwrap()
+        .get(0);
     assert_eq!(left, 240);
 }

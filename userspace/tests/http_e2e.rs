@@ -6,6 +6,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -787,97 +788,163 @@ fn webdriver(
         .unwrap_or_else(|e| panic!("chromedriver answered {}: {e}", reply.text()))
 }
 
-#[test]
-fn dashboard_shows_the_counter_changing_in_headless_chromium() {
-    if !require_tool("chromium", "chromium") || !require_tool("chromedriver", "chromium-driver") {
-        return;
-    }
-    let server = Server::start(&["--listen", "udp://127.0.0.1:0"]);
-    let addr = http_addr(&server);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    /// Kills chromedriver (and with it the browser) however the test ends.
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+/// A headless Chromium session behind its own chromedriver. Dropping it ends the session, kills
+/// chromedriver (and with it the browser) however the test ends, and removes the profile.
+struct Browser {
+    driver: std::process::Child,
+    port: u16,
+    session: String,
+    profile: PathBuf,
+}
+
+impl Browser {
+    /// None when chromium or chromedriver is missing (the test skips, or fails where skips must).
+    /// `tag` names the profile directory: tests running in parallel must not share one.
+    fn start(tag: &str) -> Option<Browser> {
+        if !require_tool("chromium", "chromium") || !require_tool("chromedriver", "chromium-driver")
+        {
+            return None;
         }
-    }
-    let _driver = Kill(
-        Command::new("chromedriver")
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "chromedriver did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let profile = temp_path("chromium-profile");
-    let session = webdriver(
-        port,
-        "POST",
-        "/session",
-        Some(
-            serde_json::json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {
-                "binary": "/usr/bin/chromium",
-                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                         "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                         format!("--user-data-dir={}", profile.display())]
-            }}}}),
-        ),
-    );
-    let id = session["value"]["sessionId"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no session: {session}"))
-        .to_string();
-    let base = format!("/session/{id}");
-    webdriver(
-        port,
-        "POST",
-        &format!("{base}/url"),
-        Some(serde_json::json!({"url": format!("http://{addr}/")})),
-    );
-    let counter_text = || -> String {
-        let el = webdriver(
+            .unwrap();
+        let profile = temp_path(&format!("chromium-profile-{tag}"));
+        let mut browser = Browser {
+            driver,
+            port,
+            session: String::new(),
+            profile,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let session = webdriver(
             port,
             "POST",
-            &format!("{base}/element"),
-            Some(serde_json::json!({"using": "css selector", "value": "#counter"})),
+            "/session",
+            Some(
+                serde_json::json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {
+                    "binary": "/usr/bin/chromium",
+                    "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                             "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                             format!("--user-data-dir={}", browser.profile.display())]
+                }}}}),
+            ),
         );
-        let eid = el["value"]
-            .as_object()
-            .and_then(|o| o.values().next())
-            .and_then(|v| v.as_str())
-            .unwrap()
+        browser.session = session["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {session}"))
             .to_string();
-        webdriver(port, "GET", &format!("{base}/element/{eid}/text"), None)["value"]
+        Some(browser)
+    }
+
+    /// A command on this session: `path` follows `/session/{id}`.
+    fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> serde_json::Value {
+        let path = format!("/session/{}{path}", self.session);
+        webdriver(self.port, method, &path, body)
+    }
+
+    fn open(&self, url: &str) {
+        self.call("POST", "/url", Some(serde_json::json!({ "url": url })));
+    }
+
+    /// The WebDriver id of the element `css` selects.
+    fn element(&self, css: &str) -> String {
+        let found = self.call(
+            "POST",
+            "/element",
+            Some(serde_json::json!({"using": "css selector", "value": css})),
+        );
+        found["value"]["element-6066-11e4-a52e-4f735466cecf"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {css} on the page: {found}"))
+            .to_string()
+    }
+
+    /// The rendered text of `css` (empty while it is hidden).
+    fn text(&self, css: &str) -> String {
+        let id = self.element(css);
+        self.call("GET", &format!("/element/{id}/text"), None)["value"]
             .as_str()
             .unwrap_or("")
             .to_string()
-    };
-    let wait_for = |want: &str| {
-        let deadline = Instant::now() + Duration::from_secs(10);
+    }
+
+    fn attribute(&self, css: &str, name: &str) -> Option<String> {
+        let id = self.element(css);
+        self.call("GET", &format!("/element/{id}/attribute/{name}"), None)["value"]
+            .as_str()
+            .map(str::to_string)
+    }
+
+    fn displayed(&self, css: &str) -> bool {
+        let id = self.element(css);
+        let reply = self.call("GET", &format!("/element/{id}/displayed"), None);
+        reply["value"]
+            .as_bool()
+            .unwrap_or_else(|| panic!("displayed {css}: {reply}"))
+    }
+
+    /// Polls the text of `css` until `check` holds (within 15 s: the slowest part of the page
+    /// refreshes every 5 s); returns it. `what` says what was expected when it never does.
+    fn wait_for_text(&self, css: &str, what: &str, check: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let got = counter_text();
-            if got == want {
-                return;
+            let got = self.text(css);
+            if check(&got) {
+                return got;
             }
             assert!(
                 Instant::now() < deadline,
-                "the page shows {got:?}, expected {want:?}"
+                "the page's {css} shows {got:?}, expected {what}"
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Ending the session quits the browser (killing chromedriver alone leaves it running and
+        // writing its profile). This runs while a failed test unwinds too, so it must not panic:
+        // chromedriver answers once the browser is gone, and any failure here is ignored.
+        if !self.session.is_empty() {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(20)));
+                let request = format!(
+                    "DELETE /session/{} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    self.session
+                );
+                if s.write_all(request.as_bytes()).is_ok() {
+                    let _ = s.read(&mut [0u8; 1024]);
+                }
+            }
+        }
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+#[test]
+fn dashboard_shows_the_counter_changing_in_headless_chromium() {
+    let server = Server::start(&["--listen", "udp://127.0.0.1:0"]);
+    let addr = http_addr(&server);
+    let Some(browser) = Browser::start("counter") else {
+        return;
     };
-    wait_for("0");
+    browser.open(&format!("http://{addr}/"));
+    browser.wait_for_text("#counter", "0", |t| t == "0");
     // Counter requests over UDP; the page must follow.
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
     udp.connect(server.addr("counter+udp")).unwrap();
@@ -887,8 +954,113 @@ fn dashboard_shows_the_counter_changing_in_headless_chromium() {
         udp.send(&frame(6)).unwrap();
         udp.recv(&mut buf).unwrap();
     }
-    wait_for("42");
-    webdriver(port, "DELETE", &base, None);
+    browser.wait_for_text("#counter", "42", |t| t == "42");
+    // Without --state-dir, /summary answers 404: "Last hour" says what it needs, and draws nothing.
+    browser.wait_for_text("#hour-note", "a note naming --state-dir", |t| {
+        t.contains("--state-dir")
+    });
+    assert!(!browser.displayed("#hour-chart"));
+    assert_eq!(
+        browser.attribute("#hour-chart", "data-points").as_deref(),
+        Some("0")
+    );
+}
+
+/// A directory removed when the test ends, however it ends.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn fresh(name: &str) -> TempDir {
+        let dir = temp_path(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// "Last hour" on the dashboard shows exactly the totals /summary reports for the hour, and charts
+/// its recorded seconds.
+#[test]
+fn dashboard_shows_the_last_hour_of_summary_in_headless_chromium() {
+    // Declared first, so it is removed after the server that writes into it has stopped.
+    let state = TempDir::fresh("dashboard-history");
+    let server = Server::start(&[
+        "--listen",
+        "udp://127.0.0.1:0",
+        "--state-dir",
+        state.0.to_str().unwrap(),
+    ]);
+    let addr = http_addr(&server);
+    let Some(browser) = Browser::start("hour") else {
+        return;
+    };
+    // 30 valid requests with increments 1..=30, every reply checked, and 4 with a wrong hash.
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.connect(server.addr("counter+udp")).unwrap();
+    udp.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut buf = [0u8; 64];
+    let mut sum = 0;
+    for increment in 1..=30u64 {
+        udp.send(&frame(increment)).unwrap();
+        let n = udp.recv(&mut buf).unwrap();
+        sum += increment;
+        assert_eq!(parse_reply(&buf[..n]), sum);
+    }
+    for increment in 1..=4u64 {
+        let mut bad = frame(increment);
+        bad[15] ^= 0xff;
+        udp.send(&bad).unwrap();
+    }
+    // The history writes a second about a second after it ends.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let summary = loop {
+        let summary = get(addr, "/summary").json();
+        let total = &summary["total"];
+        if total["increments"] == sum
+            && total["requests"] == 34
+            && total["replies"] == 30
+            && total["drops"]["bad_hash"] == 4
+        {
+            break summary;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/summary never reported the traffic: {summary}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let total = &summary["total"];
+    let drops: u64 = total["drops"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+
+    browser.open(&format!("http://{addr}/"));
+    let requests = total["requests"].to_string();
+    browser.wait_for_text("#hour-requests", &requests, |t| t == requests);
+    assert_eq!(
+        browser.text("#hour-increments"),
+        total["increments"].to_string()
+    );
+    assert_eq!(browser.text("#hour-replies"), total["replies"].to_string());
+    assert_eq!(browser.text("#hour-drops"), drops.to_string());
+    assert_eq!(browser.text("#hour-drop-reasons"), "bad_hash 4");
+    assert!(!browser.displayed("#hour-note"));
+    assert!(browser.displayed("#hour-chart"));
+    // At least the seconds of the traffic were drawn, and never more than an hour of them.
+    let points: u64 = browser
+        .attribute("#hour-chart", "data-points")
+        .expect("the chart says how many points it drew")
+        .parse()
+        .unwrap();
+    assert!((1..=3600).contains(&points), "{points} points drawn");
 }
 
 /// A client that pipelines many requests and does not read its replies costs the server a bounded

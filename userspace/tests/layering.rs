@@ -55,6 +55,8 @@ fn datapaths_and_lower_layers_never_use_http_or_the_commands() {
         "sys",
         "privilege",
         "durable",
+        "history",
+        "fleet",
         "net",
         "iface",
         "kernel",

@@ -131,7 +131,8 @@ pub fn jitter() -> f64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    let seed = nanos ^ SEQ.fetch_add(1, Ordering::Relaxed).rotate_left(32) ^ u64::from(std::process::id());
+    let seed =
+        nanos ^ SEQ.fetch_add(1, Ordering::Relaxed).rotate_left(32) ^ u64::from(std::process::id());
     let hash = xxhash_rust::xxh64::xxh64(&seed.to_le_bytes(), 0);
     (hash >> 11) as f64 / (1u64 << 53) as f64
 }

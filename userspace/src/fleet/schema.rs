@@ -61,8 +61,16 @@ pub const VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// The counted columns shared by both tables, in [`crate::history::Second`]'s order.
 pub fn counted_columns() -> Vec<String> {
-    let mut columns = vec!["increments".to_string(), "requests".into(), "replies".into()];
-    columns.extend(DropReason::ALL.iter().map(|r| format!("drop_{}", r.as_str())));
+    let mut columns = vec![
+        "increments".to_string(),
+        "requests".into(),
+        "replies".into(),
+    ];
+    columns.extend(
+        DropReason::ALL
+            .iter()
+            .map(|r| format!("drop_{}", r.as_str())),
+    );
     columns
 }
 
@@ -127,7 +135,11 @@ pub fn minute_partition(day: i64) -> Result<(String, String, String)> {
         Month::December => Date::from_calendar_date(date.year() + 1, Month::January, 1)?,
         month => Date::from_calendar_date(date.year(), month.next(), 1)?,
     };
-    let name = format!("ricochet_minutes_p{:04}{:02}", date.year(), date.month() as u8);
+    let name = format!(
+        "ricochet_minutes_p{:04}{:02}",
+        date.year(),
+        date.month() as u8
+    );
     Ok((name, utc_midnight(first), utc_midnight(next)))
 }
 
@@ -212,7 +224,11 @@ mod test {
     #[test]
     fn both_tables_have_every_counted_column() {
         for column in counted_columns() {
-            assert_eq!(MIGRATIONS[0].matches(&format!("    {column} ")).count(), 2, "{column}");
+            assert_eq!(
+                MIGRATIONS[0].matches(&format!("    {column} ")).count(),
+                2,
+                "{column}"
+            );
         }
     }
 }

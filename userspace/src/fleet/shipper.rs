@@ -252,7 +252,9 @@ impl Worker {
             match result {
                 Ok(()) => {
                     self.history.mark_shipped(&batch)?;
-                    self.status.shipped.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    self.status
+                        .shipped
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
                     return Ok(Round::Shipped(batch.len()));
                 }
                 Err(e) => errors.push(format!("{e:#}")),
@@ -307,8 +309,13 @@ impl Worker {
             }
             let target = &mut self.targets[index];
             let result = target.client(CONNECT_TIMEOUT).and_then(|client| {
-                let mut dropped = schema::drop_partitions_before(client, "ricochet_seconds", seconds_before)?;
-                dropped.extend(schema::drop_partitions_before(client, "ricochet_minutes", minutes_before)?);
+                let mut dropped =
+                    schema::drop_partitions_before(client, "ricochet_seconds", seconds_before)?;
+                dropped.extend(schema::drop_partitions_before(
+                    client,
+                    "ricochet_minutes",
+                    minutes_before,
+                )?);
                 Ok(dropped)
             });
             match result {
@@ -329,7 +336,11 @@ impl Worker {
         if self.last_error.as_deref() != Some(&message) {
             tracing::warn!("fleet: {message}; records wait in the history store");
         }
-        *self.status.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
+        *self
+            .status
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(message.clone());
         self.last_error = Some(message);
     }
 

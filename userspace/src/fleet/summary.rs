@@ -220,26 +220,62 @@ mod test {
     #[test]
     fn short_ranges_read_seconds_and_long_ones_whole_minutes_from_the_rollup() {
         let hour = plan(Some(3600), 7200);
-        assert_eq!(hour, [Piece { table: Table::Seconds, from: Some(3600), to: 7200 }]);
+        assert_eq!(
+            hour,
+            [Piece {
+                table: Table::Seconds,
+                from: Some(3600),
+                to: 7200
+            }]
+        );
         let long = plan(Some(30), 86_400 + 90);
         assert_eq!(
             long,
             [
-                Piece { table: Table::Seconds, from: Some(30), to: 60 },
-                Piece { table: Table::Minutes, from: Some(60), to: 86_400 + 60 },
-                Piece { table: Table::Seconds, from: Some(86_400 + 60), to: 86_400 + 90 },
+                Piece {
+                    table: Table::Seconds,
+                    from: Some(30),
+                    to: 60
+                },
+                Piece {
+                    table: Table::Minutes,
+                    from: Some(60),
+                    to: 86_400 + 60
+                },
+                Piece {
+                    table: Table::Seconds,
+                    from: Some(86_400 + 60),
+                    to: 86_400 + 90
+                },
             ]
         );
         let open = plan(None, 600);
-        assert_eq!(open, [Piece { table: Table::Minutes, from: None, to: 600 }]);
+        assert_eq!(
+            open,
+            [Piece {
+                table: Table::Minutes,
+                from: None,
+                to: 600
+            }]
+        );
         assert!(plan(Some(10), 10).is_empty());
     }
 
     #[test]
     fn piece_queries_bound_the_partition_key_with_literals() {
-        let sql = piece_sql(&Piece { table: Table::Seconds, from: Some(1_764_864_000), to: 1_764_867_600 });
-        assert!(sql.contains("second >= '2025-12-04T16:00:00Z'::timestamptz"), "{sql}");
-        assert!(sql.contains("second < '2025-12-04T17:00:00Z'::timestamptz"), "{sql}");
+        let sql = piece_sql(&Piece {
+            table: Table::Seconds,
+            from: Some(1_764_864_000),
+            to: 1_764_867_600,
+        });
+        assert!(
+            sql.contains("second >= '2025-12-04T16:00:00Z'::timestamptz"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("second < '2025-12-04T17:00:00Z'::timestamptz"),
+            "{sql}"
+        );
         assert!(sql.contains("sum(drop_bad_descriptor)"));
     }
 }

@@ -119,7 +119,10 @@ impl Target {
     }
 
     fn try_ship(&mut self, instance: &str, batch: &[Waiting], timeout: Duration) -> Result<()> {
-        let days: BTreeSet<i64> = batch.iter().map(|w| schema::day_of(w.record.second)).collect();
+        let days: BTreeSet<i64> = batch
+            .iter()
+            .map(|w| schema::day_of(w.record.second))
+            .collect();
         let missing: Vec<i64> = days.difference(&self.partitioned).copied().collect();
         let client = self.client(timeout)?;
         if !missing.is_empty() {
@@ -148,7 +151,9 @@ struct Columns {
 
 impl Columns {
     fn of(batch: &[Waiting]) -> Columns {
-        let mut counts = vec![Vec::with_capacity(batch.len()); 2 + crate::stats::DropReason::COUNT];
+        let mut counts: Vec<Vec<i64>> = (0..2 + crate::stats::DropReason::COUNT)
+            .map(|_| Vec::with_capacity(batch.len()))
+            .collect();
         for w in batch {
             let r = &w.record;
             let values = [r.requests, r.replies].into_iter().chain(r.drops);
@@ -158,7 +163,10 @@ impl Columns {
         }
         Columns {
             seconds: batch.iter().map(|w| w.record.second as f64).collect(),
-            increments: batch.iter().map(|w| w.record.increments.to_string()).collect(),
+            increments: batch
+                .iter()
+                .map(|w| w.record.increments.to_string())
+                .collect(),
             counts,
         }
     }

@@ -45,7 +45,11 @@ fn parse_query(query: &str) -> Result<Query, String> {
             "from" => q.from = Some(parse_time(&value)?),
             "to" => q.to = Some(parse_time(&value)?),
             "series" => q.series = matches!(&*value, "1" | "true" | ""),
-            _ => return Err(format!("unknown parameter '{key}': use from, to and series")),
+            _ => {
+                return Err(format!(
+                    "unknown parameter '{key}': use from, to and series"
+                ))
+            }
         }
     }
     Ok(q)
@@ -70,7 +74,10 @@ pub fn summary(query: &str, state: &AppState) -> Response {
         },
     };
     if q.series && to.saturating_sub(from) > MAX_SERIES {
-        return Response::error(400, "series=1 lists at most 86400 seconds: narrow from and to");
+        return Response::error(
+            400,
+            "series=1 lists at most 86400 seconds: narrow from and to",
+        );
     }
     let (total, seconds) = match store.summary(from, to, q.series) {
         Ok(found) => found,
@@ -112,7 +119,11 @@ pub fn register_fleet(registry: &mut Registry, state: &AppState) {
             .get_or_create(&label)
             .set(i64::from(target.breaker().code()));
     }
-    registry.register("fleet_up", "Whether the fleet target answered its last check or batch", up);
+    registry.register(
+        "fleet_up",
+        "Whether the fleet target answered its last check or batch",
+        up,
+    );
     registry.register(
         "fleet_breaker_state",
         "The fleet target's circuit breaker: 0 closed, 1 half-open, 2 open",
@@ -159,8 +170,17 @@ mod test {
     fn the_query_takes_unix_seconds_rfc3339_and_series() {
         assert_eq!(parse_query(""), Ok(Query::default()));
         let q = parse_query("from=100&to=2025-12-04T16%3A00%3A00Z&series=1").unwrap();
-        assert_eq!(q, Query { from: Some(100), to: Some(1_764_864_000), series: true });
+        assert_eq!(
+            q,
+            Query {
+                from: Some(100),
+                to: Some(1_764_864_000),
+                series: true
+            }
+        );
         assert!(parse_query("from=soon").unwrap_err().contains("RFC 3339"));
-        assert!(parse_query("since=1").unwrap_err().contains("unknown parameter"));
+        assert!(parse_query("since=1")
+            .unwrap_err()
+            .contains("unknown parameter"));
     }
 }

@@ -2,10 +2,10 @@
 //! profiles and a live dashboard, served by their own threads off the packet path.
 
 mod connection;
+mod history;
 pub mod pending;
 pub mod profile;
 pub mod request;
-mod history;
 pub mod routes;
 pub mod server;
 pub mod state;

@@ -144,7 +144,9 @@ impl RecorderThread {
             let (now, to_next) = clock();
             if stop.load(Ordering::Relaxed) {
                 // The final record: the current second up to now.
-                return self.record(now).context("cannot write the last history record");
+                return self
+                    .record(now)
+                    .context("cannot write the last history record");
             }
             std::thread::park_timeout(to_next);
             let (after, _) = clock();
@@ -173,7 +175,9 @@ impl RecorderThread {
             }
             Err(e) => {
                 if !self.failing {
-                    tracing::error!("cannot write to the history store (kept for the next second): {e:#}");
+                    tracing::error!(
+                        "cannot write to the history store (kept for the next second): {e:#}"
+                    );
                 }
                 self.failing = true;
                 self.carry = Some(record);

@@ -67,10 +67,7 @@ fn set_up(config: &Config) -> Result<SetUp> {
         None => None,
     };
     let history = match &counter_state {
-        Some(state) => Some(HistoryStore::open(
-            state.dir.path(),
-            state.recovery.value,
-        )?),
+        Some(state) => Some(HistoryStore::open(state.dir.path(), state.recovery.value)?),
         None => None,
     };
     let paths = Datapaths::start(config, &lockdown, counter_state.as_ref())?;
@@ -207,7 +204,9 @@ impl Keepers {
         match self.shipper.map(Shipper::finish) {
             Some(0) => tracing::info!("fleet: every record shipped"),
             Some(u64::MAX) => {}
-            Some(n) => tracing::warn!("fleet: {n} records wait in the history store; they ship at the next start"),
+            Some(n) => tracing::warn!(
+                "fleet: {n} records wait in the history store; they ship at the next start"
+            ),
             None => {}
         }
     }

@@ -156,7 +156,11 @@ impl XdpProgram {
     /// program is dropped (it holds the map).
     pub fn totals_reader(&self) -> impl Fn() -> Option<InKernelTotals> + Send + Sync + 'static {
         let stats = self.stats.clone();
-        move || read_stats(&stats).ok().map(|values| in_kernel_totals(&values))
+        move || {
+            read_stats(&stats)
+                .ok()
+                .map(|values| in_kernel_totals(&values))
+        }
     }
 
     /// Replaces the listener table.

@@ -51,9 +51,21 @@ impl Postgres {
             bin,
             port: free_port(),
         };
-        run_as_postgres(&["chown", "-R", "postgres", pg.dir.to_str().unwrap()], false);
+        run_as_postgres(
+            &["chown", "-R", "postgres", pg.dir.to_str().unwrap()],
+            false,
+        );
         let data = pg.data();
-        pg.tool(&["initdb", "-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"]);
+        pg.tool(&[
+            "initdb",
+            "-D",
+            &data,
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+        ]);
         pg.start_again();
         Some(pg)
     }
@@ -77,12 +89,32 @@ impl Postgres {
             self.port
         );
         let log = self.dir.join("log").display().to_string();
-        self.tool(&["pg_ctl", "-D", &self.data(), "-o", &options, "-l", &log, "-w", "-t", "30", "start"]);
+        self.tool(&[
+            "pg_ctl",
+            "-D",
+            &self.data(),
+            "-o",
+            &options,
+            "-l",
+            &log,
+            "-w",
+            "-t",
+            "30",
+            "start",
+        ]);
     }
 
     /// Stops the server at once, as a crash would (no checkpoint).
     pub fn crash(&self) {
-        self.tool(&["pg_ctl", "-D", &self.data(), "-m", "immediate", "-w", "stop"]);
+        self.tool(&[
+            "pg_ctl",
+            "-D",
+            &self.data(),
+            "-m",
+            "immediate",
+            "-w",
+            "stop",
+        ]);
     }
 
     pub fn url(&self) -> String {
@@ -90,7 +122,8 @@ impl Postgres {
     }
 
     pub fn client(&self) -> postgres::Client {
-        postgres::Client::connect(&self.url(), postgres::NoTls).expect("connect to the test PostgreSQL")
+        postgres::Client::connect(&self.url(), postgres::NoTls)
+            .expect("connect to the test PostgreSQL")
     }
 }
 
@@ -105,7 +138,10 @@ fn run_as_postgres(argv: &[&str], as_postgres: bool) {
         c.args(&argv[1..]);
         c
     };
-    let out = command.stdin(Stdio::null()).output().expect("run a PostgreSQL tool");
+    let out = command
+        .stdin(Stdio::null())
+        .output()
+        .expect("run a PostgreSQL tool");
     assert!(
         out.status.success(),
         "{argv:?} failed: {}{}",
@@ -118,7 +154,18 @@ impl Drop for Postgres {
     fn drop(&mut self) {
         let program = self.bin.join("pg_ctl").display().to_string();
         let _ = Command::new("runuser")
-            .args(["-u", "postgres", "--", &program, "-D", &self.data(), "-m", "immediate", "-w", "stop"])
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                &program,
+                "-D",
+                &self.data(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
