@@ -385,6 +385,17 @@ fn bypass_survives_sigkill_under_load(mode: &str, tag: &str) {
     assert_eq!(final_counter(&output), dead + 6000);
     // The live record outlives the process too: the final value is there for the next start.
     assert_eq!(bypass_live_value(mode, &dir, &bpffs), dead + 6000);
+    // The per-second history holds every increment too, across the SIGKILL, and the second run's
+    // requests (in xdp mode those the program answered in the kernel).
+    assert!(dir.join(ricochet::history::FILE).exists());
+    let history = ricochet::history::History::open(&dir).unwrap();
+    let (totals, _) = history.summary(0, i64::MAX, false).unwrap();
+    assert_eq!(
+        totals.increments,
+        u128::from(dead + 6000),
+        "{mode}: the history"
+    );
+    assert!(totals.requests > 2000, "{mode}: {totals:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

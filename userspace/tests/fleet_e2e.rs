@@ -507,3 +507,30 @@ fn a_one_hour_summary_reads_one_day_partition_replays_change_nothing_and_retenti
         .get(0);
     assert_eq!(left, 240);
 }
+
+/// Every connection to the store is opened during set-up: a state directory whose parent the
+/// process cannot enter once its capabilities are gone (root without CAP_DAC_OVERRIDE) still works.
+#[test]
+fn the_history_is_opened_before_privileges_drop() {
+    if !require_root("a parent directory only another user may enter") {
+        return;
+    }
+    let parent = state_dir("closed-parent");
+    let dir = parent.join("state");
+    std::fs::create_dir_all(&dir).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&parent, Some(65534), None).unwrap();
+    let port = free_udp_port();
+    let server = start(&dir, port, &[]);
+    let http = server.addr("http+");
+    let sum = send(port, 100, 31);
+    wait_until(
+        Duration::from_secs(5),
+        "/summary holds every increment",
+        || summary_increments(http) == sum,
+    );
+    let (ok, output) = server.terminate();
+    assert!(ok, "{output}");
+    std::fs::remove_dir_all(&parent).unwrap();
+}

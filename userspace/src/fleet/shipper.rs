@@ -1,7 +1,6 @@
 //! The shipper thread: sends the records waiting in the history store to the first target that
 //! takes them, oldest first, and marks them shipped only once the target committed them.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -123,12 +122,11 @@ pub struct Shipper {
 }
 
 impl Shipper {
-    /// Opens its own connection to the history store in `dir` and starts shipping.
-    pub fn start(plan: FleetPlan, dir: &Path, status: Arc<FleetStatus>) -> Result<Shipper> {
+    /// Starts shipping from `history`, a connection of its own to the store.
+    pub fn start(plan: FleetPlan, history: History, status: Arc<FleetStatus>) -> Result<Shipper> {
         if plan.targets.is_empty() {
             bail!("the fleet shipper needs at least one --fleet URL");
         }
-        let history = History::open(dir)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (tell, done) = mpsc::channel();
         let deadline = plan.stop_deadline;

@@ -24,13 +24,19 @@ const PRUNE_EVERY: u32 = 3600;
 pub struct HistoryStore {
     history: History,
     baseline: u64,
+    /// GET /summary's own connection (taken when the endpoints are set up).
+    pub view: Option<History>,
+    /// The fleet shipper's own connection, with `--fleet`.
+    pub shipper: Option<History>,
 }
 
 impl HistoryStore {
     /// Opens the store in `dir`. `resumed` is the counter this process started from: the next
     /// record counts from the store's last counter value, which is where the history left off, or
     /// from `resumed` when the store is new (or, damaged, claims more than the counter holds).
-    pub fn open(dir: &Path, resumed: u64) -> Result<HistoryStore> {
+    /// Every connection is opened here, during set-up: the path may not be reachable once
+    /// privileges are dropped.
+    pub fn open(dir: &Path, resumed: u64, fleet: bool) -> Result<HistoryStore> {
         let history = History::open(dir)?;
         let baseline = match history.last_counter()? {
             Some(last) if last <= resumed => last,
@@ -43,7 +49,16 @@ impl HistoryStore {
                 resumed
             }
         };
-        Ok(HistoryStore { history, baseline })
+        Ok(HistoryStore {
+            history,
+            baseline,
+            view: Some(History::open(dir)?),
+            shipper: if fleet {
+                Some(History::open(dir)?)
+            } else {
+                None
+            },
+        })
     }
 
     /// With `--user`: the store's files become that user's.

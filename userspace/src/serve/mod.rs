@@ -67,7 +67,11 @@ fn set_up(config: &Config) -> Result<SetUp> {
         None => None,
     };
     let history = match &counter_state {
-        Some(state) => Some(HistoryStore::open(state.dir.path(), state.recovery.value)?),
+        Some(state) => Some(HistoryStore::open(
+            state.dir.path(),
+            state.recovery.value,
+            config.fleet.is_some(),
+        )?),
         None => None,
     };
     let paths = Datapaths::start(config, &lockdown, counter_state.as_ref())?;
@@ -151,23 +155,21 @@ fn publish_and_keep(
     paths: &Datapaths,
     dropped: &Dropped,
     counter_state: Option<CounterState>,
-    history: Option<HistoryStore>,
+    mut history: Option<HistoryStore>,
 ) -> Result<(Arc<AppState>, Keepers)> {
     let plan = config.state.as_ref();
     let interval = plan.map_or(Duration::ZERO, |s| s.sync_interval.0);
     let view = counter_state.as_ref().map(|s| s.view(interval));
-    let dir = counter_state.as_ref().map(|s| s.dir.path().to_path_buf());
     let fleet = config
         .fleet
         .as_ref()
         .map(|f| Arc::new(FleetStatus::new(&f.plan)));
-    let history_view = match &dir {
-        Some(dir) => Some(HistoryView {
-            instance: config.instance.clone(),
-            store: Mutex::new(crate::history::History::open(dir)?),
-        }),
-        None => None,
-    };
+    let history_view = history.as_mut().and_then(|h| h.view.take());
+    let history_view = history_view.map(|store| HistoryView {
+        instance: config.instance.clone(),
+        store: Mutex::new(store),
+    });
+    let shipper_store = history.as_mut().and_then(|h| h.shipper.take());
     let state = publish::app_state(config, paths, dropped, view, history_view, fleet.clone());
     let mut keepers = Keepers::default();
     if let Some(s) = counter_state {
@@ -178,8 +180,8 @@ fn publish_and_keep(
         let retention = plan.history_retention.0;
         keepers.recording = Some(store.start(read, retention, fleet.is_some())?);
     }
-    if let (Some(f), Some(status), Some(dir)) = (&config.fleet, fleet, &dir) {
-        keepers.shipper = Some(Shipper::start(f.plan.clone(), dir, status)?);
+    if let (Some(f), Some(status), Some(store)) = (&config.fleet, fleet, shipper_store) {
+        keepers.shipper = Some(Shipper::start(f.plan.clone(), store, status)?);
     }
     Ok((state, keepers))
 }
