@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use rusqlite::TransactionBehavior::Immediate;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::stats::DropReason;
@@ -53,6 +54,22 @@ pub struct Reading {
     pub requests: u64,
     pub replies: u64,
     pub drops: [u64; DropReason::COUNT],
+}
+
+impl Reading {
+    /// Field by field, the larger of the two.
+    fn max(&self, other: &Reading) -> Reading {
+        let mut drops = self.drops;
+        for (a, b) in drops.iter_mut().zip(other.drops) {
+            *a = (*a).max(b);
+        }
+        Reading {
+            counter: self.counter.max(other.counter),
+            requests: self.requests.max(other.requests),
+            replies: self.replies.max(other.replies),
+            drops,
+        }
+    }
 }
 
 /// One second of service.
@@ -107,14 +124,19 @@ impl Recorder {
 
     /// The record for `second`, made of what changed since the last reading.
     pub fn record(&mut self, second: i64, now: Reading) -> Second {
-        let last = std::mem::replace(&mut self.last, now);
+        let last = self.last;
+        // Readings only grow, so the last one is kept field by field at its highest: a counter that
+        // resumed below the last recorded value (from an older snapshot after a machine crash)
+        // re-issues values already recorded, which are not counted again; a reading that briefly
+        // came back short (an XDP statistics read that failed) does not count twice what follows.
+        self.last = last.max(&now);
         let mut drops = [0; DropReason::COUNT];
         for (i, d) in drops.iter_mut().enumerate() {
             *d = now.drops[i].saturating_sub(last.drops[i]);
         }
         Second {
             second,
-            increments: now.counter.wrapping_sub(last.counter),
+            increments: now.counter.saturating_sub(last.counter),
             requests: now.requests.saturating_sub(last.requests),
             replies: now.replies.saturating_sub(last.replies),
             drops,
@@ -261,6 +283,27 @@ impl History {
         Ok(value.map(from_sql))
     }
 
+    /// This store's random owner id (made once, kept in the store): the fleet ties an instance name
+    /// to it, so that two state directories cannot ship under one name.
+    pub fn owner(&self) -> Result<i64> {
+        let seed = format!(
+            "{:?} {} {}",
+            SystemTime::now(),
+            std::process::id(),
+            self.path.display()
+        );
+        let fresh = xxhash_rust::xxh64::xxh64(seed.as_bytes(), 0) as i64;
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('owner', ?1) ON CONFLICT (key) DO NOTHING",
+            [fresh],
+        )?;
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = 'owner'", [], |r| {
+                r.get(0)
+            })?)
+    }
+
     /// Stores where a new history starts counting from (the counter before this process served
     /// anything), so that a crash before the first record loses nothing either.
     pub fn set_start(&self, counter: u64) -> Result<()> {
@@ -273,7 +316,7 @@ impl History {
 
     /// Stores `record` (adding to a record of the same second) and the counter it ends at.
     pub fn append(&mut self, record: &Second, counter: u64) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.transaction_with_behavior(Immediate)?;
         let existing = tx
             .query_row(
                 &format!("SELECT {} FROM seconds WHERE second = ?1", columns()),
@@ -361,7 +404,7 @@ impl History {
     /// Marks `records` shipped, each at the revision that was shipped: a record rewritten meanwhile
     /// stays waiting.
     pub fn mark_shipped(&mut self, records: &[Waiting]) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.transaction_with_behavior(Immediate)?;
         {
             let mut statement = tx.prepare_cached(
                 "UPDATE seconds SET shipped_rev = ?2 WHERE second = ?1 AND rev = ?2",
@@ -405,8 +448,13 @@ pub fn unix_now() -> i64 {
 /// Parses a time bound: Unix seconds or RFC 3339 (`2026-12-04T16:00:00Z`, `...+01:00`).
 pub fn parse_time(text: &str) -> Result<i64, String> {
     let text = text.trim();
+    // The years 1 to 9999, so that every bound can be written as RFC 3339.
+    const RANGE: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
     if let Ok(n) = text.parse::<i64>() {
-        return Ok(n);
+        return match RANGE.contains(&n) {
+            true => Ok(n),
+            false => Err(format!("'{text}' is outside the years 1 to 9999")),
+        };
     }
     time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
         .map(|t| t.unix_timestamp())
@@ -461,6 +509,22 @@ mod test {
             (0, 0, [0; DropReason::COUNT])
         );
         assert_eq!(recorder.counter(), 142);
+    }
+
+    #[test]
+    fn values_re_issued_below_the_last_record_and_short_readings_are_not_counted_twice() {
+        let mut recorder = Recorder::new(Reading {
+            counter: 100,
+            ..Reading::default()
+        });
+        // Resumed at 90 (an older snapshot): 90..100 were recorded already.
+        assert_eq!(recorder.record(1, reading(95, 5, 0)).increments, 0);
+        assert_eq!(recorder.record(2, reading(107, 12, 0)).increments, 7);
+        // A reading that comes back short, then recovers: nothing is counted twice.
+        let short = Reading::default();
+        assert_eq!(recorder.record(3, short).requests, 0);
+        let s = recorder.record(4, reading(110, 13, 0));
+        assert_eq!((s.increments, s.requests), (3, 1));
     }
 
     #[test]

@@ -157,6 +157,8 @@ impl Nginx {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        // The guard first: a failed start still stops what did start.
+        let nginx = Nginx { child, port };
         let deadline = Instant::now() + TIMEOUT;
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -165,7 +167,7 @@ impl Nginx {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Nginx { child, port }
+        nginx
     }
 
     /// POST /counter {"increment": n} through nginx; returns which instance's value answered.
@@ -255,7 +257,8 @@ fn nginx_two_instances_and_postgresql_agree_exactly_after_an_outage_and_a_sigkil
     pg.start_again();
     sent += traffic(10);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while waiting(&a) > 0 || waiting(&b) > 0 || history_behind(&a) || history_behind(&b) {
+    // The history first: a record it adds between the two checks would otherwise pass unshipped.
+    while history_behind(&a) || history_behind(&b) || waiting(&a) > 0 || waiting(&b) > 0 {
         assert!(Instant::now() < deadline, "the instances did not catch up");
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use common::postgres::Postgres;
 use common::*;
 use nix::sys::signal::Signal;
+use ricochet::fleet::schema;
 use serde_json::Value;
 
 fn free_udp_port() -> u16 {
@@ -312,7 +313,7 @@ fn assert_rollup_matches_seconds(pg: &Postgres) {
 }
 
 #[test]
-fn a_fallback_takes_the_records_while_the_primary_is_down_and_the_primary_gets_them_back() {
+fn a_fallback_takes_the_records_while_the_primary_is_down_and_the_primary_takes_them_once_back() {
     let (Some(primary), Some(fallback)) = (Postgres::start("primary"), Postgres::start("fallback"))
     else {
         return;
@@ -425,87 +426,135 @@ fn explain(client: &mut ::postgres::Client, sql: &str) -> Vec<String> {
     out
 }
 
+fn target(pg: &Postgres, owner: i64) -> ricochet::fleet::Target {
+    let url = ricochet::fleet::TargetUrl::parse(&pg.url()).unwrap();
+    ricochet::fleet::Target::new(url, "gamma", owner)
+}
+
+fn total(client: &mut ::postgres::Client, from: Option<i64>, to: i64) -> ricochet::history::Totals {
+    ricochet::fleet::summary::query(client, from, Some(to))
+        .unwrap()
+        .total
+}
+
 #[test]
-fn a_one_hour_summary_reads_one_day_partition_replays_change_nothing_and_retention_drops_days() {
-    use ricochet::fleet::summary::{piece_sql, plan, query};
-    use ricochet::fleet::{schema, Target, TargetUrl};
-    let Some(pg) = Postgres::start("schema") else {
+fn shipping_is_idempotent_overwrites_and_keeps_the_rollup_equal_to_the_seconds() {
+    let Some(pg) = Postgres::start("upsert") else {
         return;
     };
     let today = ricochet::history::unix_now().div_euclid(86_400);
-    let days = [today - 9, today - 1, today];
-    let batch = records(&days, 120);
-    let mut target = Target::new(TargetUrl::parse(&pg.url()).unwrap());
-    target
-        .ship("gamma", &batch, Duration::from_secs(5))
-        .unwrap();
+    let end = (today + 1) * 86_400;
+    let mut batch = records(&[today - 1, today], 120);
+    let mut shipper = target(&pg, 7);
+    shipper.ship(&batch, TIMEOUT).unwrap();
     let mut client = pg.client();
+    let first = total(&mut client, None, end);
     let expected: u64 = batch.iter().map(|w| w.record.increments).sum();
-    let total = |client: &mut ::postgres::Client| query(client, None, None).unwrap().total;
-    let first = total(&mut client);
     assert_eq!(first.increments, u128::from(expected));
-    assert_eq!((first.requests, first.replies), (1080, 720));
+    assert_eq!((first.requests, first.replies), (720, 480));
     assert_eq!(
         first.drops[ricochet::stats::DropReason::BadHash.index()],
-        360
+        240
     );
-    // The same batch again, and once more from a second instance of the shipper: no change.
-    target
-        .ship("gamma", &batch, Duration::from_secs(5))
-        .unwrap();
-    let mut other = Target::new(TargetUrl::parse(&pg.url()).unwrap());
-    other
-        .ship("gamma", &batch[..100], Duration::from_secs(5))
-        .unwrap();
-    assert_eq!(total(&mut client), first);
+    // Again, and part of it from a restarted shipper of the same directory: nothing changes.
+    shipper.ship(&batch, TIMEOUT).unwrap();
+    target(&pg, 7).ship(&batch[..100], TIMEOUT).unwrap();
+    assert_eq!(total(&mut client, None, end), first);
+    assert_rollup_matches_seconds(&pg);
+    // A record rewritten (a restart within its second) overwrites its row; the minute follows.
+    batch[5].record.increments += 12;
+    batch[5].rev = 2;
+    shipper.ship(&batch[5..6], TIMEOUT).unwrap();
+    assert_eq!(
+        total(&mut client, None, end).increments,
+        u128::from(expected + 12)
+    );
+    assert_rollup_matches_seconds(&pg);
+    // Another state directory under the same name is refused, and changes nothing.
+    let e = target(&pg, 8).ship(&batch, TIMEOUT).unwrap_err();
+    assert!(
+        format!("{e:#}").contains("belongs to another state directory"),
+        "{e:#}"
+    );
+    assert_eq!(
+        total(&mut client, None, end).increments,
+        u128::from(expected + 12)
+    );
     schema::migrate(&mut client).unwrap();
     let versions: i64 = client
         .query_one("SELECT count(*) FROM ricochet_schema_version", &[])
         .unwrap()
         .get(0);
     assert_eq!(versions, i64::from(schema::VERSION));
+}
 
-    // One hour of today: the planner reads today's partition only.
+#[test]
+fn a_one_hour_summary_reads_one_partition_and_retention_keeps_the_minutes() {
+    use ricochet::fleet::summary::{piece_sql, plan};
+    let Some(pg) = Postgres::start("schema") else {
+        return;
+    };
+    let today = ricochet::history::unix_now().div_euclid(86_400);
+    let batch = records(&[today - 9, today - 1, today], 120);
+    target(&pg, 7).ship(&batch, TIMEOUT).unwrap();
+    // And the first half of the next minute on the oldest day.
+    let old_minute = (today - 9) * 86_400 + 43_200 + 120;
+    let seconds_of = |range: std::ops::Range<i64>| -> Vec<ricochet::history::Waiting> {
+        let mut all = records(&[today - 9], 180);
+        all.retain(|w| range.contains(&(w.record.second - old_minute)));
+        all
+    };
+    target(&pg, 7).ship(&seconds_of(0..30), TIMEOUT).unwrap();
+    let mut client = pg.client();
+    let all = total(&mut client, None, (today + 1) * 86_400);
+    // One hour on whole minutes: one month partition of the rollup.
     let noon = today * 86_400 + 43_200;
     let hour = plan(Some(noon), noon + 3600);
-    assert_eq!(hour.len(), 1);
-    let (today_partition, _, _) = schema::second_partition(today).unwrap();
+    let (minutes, _, _) = schema::minute_partition(today).unwrap();
     assert_eq!(
         explain(&mut client, &piece_sql(&hour[0])),
-        std::slice::from_ref(&today_partition)
+        std::slice::from_ref(&minutes)
     );
-    let summed = query(&mut client, Some(noon), Some(noon + 3600)).unwrap();
-    assert_eq!(summed.instances["gamma"].requests, 360);
-    // Ten days: whole minutes from the rollup, the ragged ends from at most two day partitions.
-    let long = plan(Some(noon - 10 * 86_400 + 30), noon + 90);
+    assert_eq!(total(&mut client, Some(noon), noon + 3600).requests, 360);
+    // Off whole minutes: the ends come from today's seconds partition, one partition more.
     let mut read = Vec::new();
-    for piece in &long {
-        read.extend(explain(&mut client, &piece_sql(piece)));
+    for piece in plan(Some(noon + 30), noon + 3630) {
+        read.extend(explain(&mut client, &piece_sql(&piece)));
     }
-    assert!(
-        read.iter()
-            .filter(|r| r.starts_with("ricochet_seconds_p"))
-            .count()
-            <= 2,
-        "{read:?}"
+    read.sort();
+    read.dedup();
+    let (seconds, _, _) = schema::second_partition(today).unwrap();
+    assert_eq!(read, [minutes.clone(), seconds]);
+    assert_eq!(
+        total(&mut client, Some(noon + 30), noon + 3630).requests,
+        270
     );
-    assert!(
-        read.iter().any(|r| r.starts_with("ricochet_minutes_p")),
-        "{read:?}"
-    );
-    let long_total = query(&mut client, Some(noon - 10 * 86_400 + 30), Some(noon + 120)).unwrap();
-    assert_eq!(long_total.total, first);
+    // Ten days: the same sums as everything.
+    let long = total(&mut client, Some(noon - 10 * 86_400 + 30), noon + 120);
+    assert_eq!(long, all);
 
-    // Retention: days wholly older than seven days go, as whole partitions.
+    // Retention drops whole days of seconds; their minutes stay in the rollup.
     let dropped =
         schema::drop_partitions_before(&mut client, "ricochet_seconds", (today - 7) * 86_400)
             .unwrap();
     assert_eq!(dropped, [schema::second_partition(today - 9).unwrap().0]);
-    let left: i64 = client
-        .query_one("SELECT count(*) FROM ricochet_seconds", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(left, 240);
+    let old_noon = noon - 9 * 86_400;
+    assert_eq!(
+        total(&mut client, Some(old_noon), old_noon + 3600).requests,
+        450
+    );
+    let e =
+        ricochet::fleet::summary::query(&mut client, Some(old_noon + 30), Some(old_noon + 3600))
+            .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("past the per-second retention"),
+        "{e:#}"
+    );
+    // The second half of that minute arrives late (an instance cut off for a week): the minute
+    // gains it and keeps the first half, whose seconds are gone.
+    target(&pg, 7).ship(&seconds_of(30..60), TIMEOUT).unwrap();
+    let minute = total(&mut client, Some(old_minute), old_minute + 60);
+    assert_eq!(minute.requests, 180);
 }
 
 /// Every connection to the store is opened during set-up: a state directory whose parent the

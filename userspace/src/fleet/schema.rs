@@ -18,7 +18,8 @@ use crate::stats::DropReason;
 const LOCK: i64 = 0x7269_636f_6368_6574; // "ricochet"
 
 /// The migrations, in order; version N is `MIGRATIONS[N - 1]`. Never edit one that shipped: add one.
-const MIGRATIONS: [&str; 1] = ["
+const MIGRATIONS: [&str; 2] = [
+    "
 CREATE TABLE ricochet_seconds (
     instance text NOT NULL,
     second timestamptz NOT NULL,
@@ -54,7 +55,17 @@ CREATE TABLE ricochet_minutes (
     drop_bad_descriptor numeric NOT NULL,
     PRIMARY KEY (instance, minute)
 ) PARTITION BY RANGE (minute);
-"];
+",
+    "
+-- Each instance name belongs to one state directory (its history's owner id): two processes
+-- under one name would overwrite each other's rows.
+CREATE TABLE ricochet_instances (
+    instance text PRIMARY KEY,
+    owner bigint NOT NULL,
+    claimed_at timestamptz NOT NULL DEFAULT now()
+);
+",
+];
 
 /// The schema version this build writes.
 pub const VERSION: i32 = MIGRATIONS.len() as i32;
@@ -179,10 +190,9 @@ pub fn drop_partitions_before(
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK])?;
     let rows = tx.query(
-        "SELECT c.relname::text FROM pg_inherits i
+        "SELECT c.oid::regclass::text FROM pg_inherits i
            JOIN pg_class c ON c.oid = i.inhrelid
-           JOIN pg_class p ON p.oid = i.inhparent
-          WHERE p.relname = $1
+          WHERE i.inhparent = $1::text::regclass
             AND (regexp_match(pg_get_expr(c.relpartbound, c.oid), 'TO \\(''([^'']+)''\\)'))[1]::timestamptz
                 <= to_timestamp($2::float8)",
         &[&parent, &(before as f64)],
@@ -193,6 +203,25 @@ pub fn drop_partitions_before(
     }
     tx.commit()?;
     Ok(names)
+}
+
+/// Claims `instance` for the state directory whose history has `owner`; refuses a name another
+/// directory holds.
+pub fn claim(client: &mut impl GenericClient, instance: &str, owner: i64) -> Result<()> {
+    client.execute(
+        "INSERT INTO ricochet_instances (instance, owner) VALUES ($1, $2) ON CONFLICT (instance) DO NOTHING",
+        &[&instance, &owner],
+    )?;
+    let holder: i64 = client
+        .query_one(
+            "SELECT owner FROM ricochet_instances WHERE instance = $1",
+            &[&instance],
+        )?
+        .get(0);
+    if holder != owner {
+        bail!("the instance name '{instance}' belongs to another state directory: give each instance its own --instance (if this directory replaced that one, delete the name's row from ricochet_instances)");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

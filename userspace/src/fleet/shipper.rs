@@ -130,8 +130,13 @@ impl Shipper {
         let stop = Arc::new(AtomicBool::new(false));
         let (tell, done) = mpsc::channel();
         let deadline = plan.stop_deadline;
+        let owner = history.owner()?;
         let mut worker = Worker {
-            targets: plan.targets.iter().cloned().map(Target::new).collect(),
+            targets: plan
+                .targets
+                .iter()
+                .map(|url| Target::new(url.clone(), &plan.instance, owner))
+                .collect(),
             history,
             status,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(30)),
@@ -154,17 +159,23 @@ impl Shipper {
         })
     }
 
-    /// Ships what waits, for at most the stop deadline; returns how many records are left for the
-    /// next start.
-    pub fn finish(self) -> u64 {
+    /// Ships what waits, for at most the stop deadline (plus one connection timeout); returns how
+    /// many records are left for the next start, or None when the thread did not say.
+    pub fn finish(self) -> Option<u64> {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.thread().unpark();
         // The thread keeps its own deadline; this one only covers a connection stuck past it.
         match self.done.recv_timeout(self.deadline + CONNECT_TIMEOUT) {
-            Ok(waiting) => waiting,
-            Err(_) => {
+            Ok(waiting) => Some(waiting),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
                 tracing::warn!("the fleet shipper did not finish within its stop deadline; what waits ships at the next start");
-                u64::MAX
+                None
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                tracing::error!(
+                    "the fleet shipper thread died; what waits ships at the next start"
+                );
+                None
             }
         }
     }
@@ -245,7 +256,7 @@ impl Worker {
             if !target.breaker.allows(Instant::now()) {
                 continue;
             }
-            let result = target.ship(&self.plan.instance, &batch, timeout);
+            let result = target.ship(&batch, timeout);
             self.settle(index, &result);
             match result {
                 Ok(()) => {

@@ -1,7 +1,8 @@
 //! `ricochet fleet summary`: totals per instance and for the fleet over a time range, straight
-//! from PostgreSQL. Ranges up to [`SHORT_RANGE`] read the per-second table, whose day partitions
-//! the planner prunes to the ones the range touches; longer ones read whole minutes from the
-//! rollup and only the partial minutes at either end from the seconds.
+//! from PostgreSQL. Whole minutes are read from the per-minute rollup (a month partition per month
+//! the range touches); only the partial minutes at either end come from the per-second table (the
+//! day partitions they touch). Bounds are literals, so the planner prunes partitions itself: a
+//! one-hour summary on whole minutes reads one partition.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -9,13 +10,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use postgres::{GenericClient, NoTls};
 
-use super::schema::counted_columns;
+use super::schema::{self, counted_columns};
 use super::target::TargetUrl;
 use crate::history::{format_time, parse_time, unix_now, Totals};
 use crate::stats::DropReason;
-
-/// Ranges up to this long are summed from the per-second table.
-pub const SHORT_RANGE: i64 = 6 * 3600;
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum FleetCommand {
@@ -54,23 +52,31 @@ pub struct Piece {
     pub to: i64,
 }
 
-/// Splits `[from, to)` into the pieces to read (sans-IO).
+/// Splits `[from, to)` into the pieces to read (sans-IO): whole minutes from the rollup, the
+/// partial minutes at the ends from the seconds.
 pub fn plan(from: Option<i64>, to: i64) -> Vec<Piece> {
     let piece = |table, from, to| Piece { table, from, to };
-    match from {
-        Some(f) if f >= to => return Vec::new(),
-        Some(f) if to - f <= SHORT_RANGE => return vec![piece(Table::Seconds, Some(f), to)],
-        _ => {}
-    }
-    let whole_from = from.map(|f| -((-f).div_euclid(60)) * 60);
     let whole_to = to.div_euclid(60) * 60;
-    let mut pieces = Vec::new();
-    if let (Some(f), Some(w)) = (from, whole_from) {
-        if w > f {
-            pieces.push(piece(Table::Seconds, Some(f), w));
+    let Some(f) = from else {
+        let mut pieces = vec![piece(Table::Minutes, None, whole_to)];
+        if to > whole_to {
+            pieces.push(piece(Table::Seconds, Some(whole_to), to));
         }
+        return pieces;
+    };
+    let whole_from = -((-f).div_euclid(60)) * 60;
+    if f >= to {
+        return Vec::new();
     }
-    pieces.push(piece(Table::Minutes, whole_from, whole_to));
+    if whole_from >= whole_to {
+        // Within one minute, or across one minute boundary: seconds only.
+        return vec![piece(Table::Seconds, Some(f), to)];
+    }
+    let mut pieces = Vec::new();
+    if whole_from > f {
+        pieces.push(piece(Table::Seconds, Some(f), whole_from));
+    }
+    pieces.push(piece(Table::Minutes, Some(whole_from), whole_to));
     if to > whole_to {
         pieces.push(piece(Table::Seconds, Some(whole_to), to));
     }
@@ -119,6 +125,9 @@ pub fn query(
         ..FleetSummary::default()
     };
     for piece in plan(from, to) {
+        if piece.table == Table::Seconds {
+            check_seconds_kept(client, &piece)?;
+        }
         for row in client.query(piece_sql(&piece).as_str(), &[])? {
             let instance: String = row.get(0);
             let sums: Vec<String> = (1..row.len()).map(|i| row.get(i)).collect();
@@ -128,6 +137,28 @@ pub fn query(
         }
     }
     Ok(summary)
+}
+
+/// A partial minute needs its seconds: refuses one whose day partition retention dropped while the
+/// rollup still holds its minute (the answer would be short).
+fn check_seconds_kept(client: &mut impl GenericClient, piece: &Piece) -> Result<()> {
+    let from = piece.from.unwrap_or(piece.to);
+    for day in schema::day_of(from)..=schema::day_of(piece.to - 1) {
+        let (name, _, _) = schema::second_partition(day)?;
+        let kept: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])?
+            .get(0);
+        let minute = from.div_euclid(60) * 60;
+        let sql = format!(
+            "SELECT count(*) FROM ricochet_minutes WHERE minute >= '{}'::timestamptz AND minute < '{}'::timestamptz",
+            format_time(minute),
+            format_time(piece.to)
+        );
+        if !kept && client.query_one(sql.as_str(), &[])?.get::<_, i64>(0) > 0 {
+            bail!("the seconds from {} to {} are past the per-second retention (--fleet-retention); only whole minutes remain: give --from and --to on whole minutes", format_time(from), format_time(piece.to));
+        }
+    }
+    Ok(())
 }
 
 fn totals_of(sums: &[String]) -> Result<Totals> {
@@ -218,45 +249,24 @@ mod test {
     use super::*;
 
     #[test]
-    fn short_ranges_read_seconds_and_long_ones_whole_minutes_from_the_rollup() {
-        let hour = plan(Some(3600), 7200);
+    fn whole_minutes_come_from_the_rollup_and_partial_ones_from_the_seconds() {
+        let piece = |table, from, to| Piece { table, from, to };
+        let (s, m) = (Table::Seconds, Table::Minutes);
+        assert_eq!(plan(Some(3600), 7200), [piece(m, Some(3600), 7200)]);
         assert_eq!(
-            hour,
-            [Piece {
-                table: Table::Seconds,
-                from: Some(3600),
-                to: 7200
-            }]
-        );
-        let long = plan(Some(30), 86_400 + 90);
-        assert_eq!(
-            long,
+            plan(Some(30), 86_400 + 90),
             [
-                Piece {
-                    table: Table::Seconds,
-                    from: Some(30),
-                    to: 60
-                },
-                Piece {
-                    table: Table::Minutes,
-                    from: Some(60),
-                    to: 86_400 + 60
-                },
-                Piece {
-                    table: Table::Seconds,
-                    from: Some(86_400 + 60),
-                    to: 86_400 + 90
-                },
+                piece(s, Some(30), 60),
+                piece(m, Some(60), 86_400 + 60),
+                piece(s, Some(86_400 + 60), 86_400 + 90)
             ]
         );
-        let open = plan(None, 600);
+        assert_eq!(plan(Some(10), 50), [piece(s, Some(10), 50)]);
+        assert_eq!(plan(Some(50), 70), [piece(s, Some(50), 70)]);
+        assert_eq!(plan(Some(-90), -30), [piece(s, Some(-90), -30)]);
         assert_eq!(
-            open,
-            [Piece {
-                table: Table::Minutes,
-                from: None,
-                to: 600
-            }]
+            plan(None, 610),
+            [piece(m, None, 600), piece(s, Some(600), 610)]
         );
         assert!(plan(Some(10), 10).is_empty());
     }

@@ -50,6 +50,9 @@ impl TargetUrl {
 /// A target while the shipper runs.
 pub struct Target {
     pub url: TargetUrl,
+    /// The instance name shipped under and the history's owner id that claims it.
+    instance: String,
+    owner: i64,
     pub breaker: Breaker,
     client: Option<Client>,
     /// Days whose partitions this connection has made sure of.
@@ -57,9 +60,11 @@ pub struct Target {
 }
 
 impl Target {
-    pub fn new(url: TargetUrl) -> Target {
+    pub fn new(url: TargetUrl, instance: &str, owner: i64) -> Target {
         Target {
             url,
+            instance: instance.to_string(),
+            owner,
             breaker: Breaker::new(BREAKER_THRESHOLD, BREAKER_PAUSE),
             client: None,
             partitioned: BTreeSet::new(),
@@ -85,6 +90,8 @@ impl Target {
                 .with_context(|| format!("cannot connect to {}", self.url.label))?;
             schema::migrate(&mut client)
                 .with_context(|| format!("cannot migrate the schema on {}", self.url.label))?;
+            schema::claim(&mut client, &self.instance, self.owner)
+                .with_context(|| format!("{} refused the batch", self.url.label))?;
             self.client = Some(client);
         }
         Ok(self.client.as_mut().expect("connected above"))
@@ -110,33 +117,30 @@ impl Target {
 
     /// Upserts `batch` for `instance` and rewrites the minutes it touches, in one transaction.
     /// Keyed by (instance, second) and overwriting, so shipping a batch twice changes nothing.
-    pub fn ship(&mut self, instance: &str, batch: &[Waiting], timeout: Duration) -> Result<()> {
-        let result = self.try_ship(instance, batch, timeout);
+    pub fn ship(&mut self, batch: &[Waiting], timeout: Duration) -> Result<()> {
+        let result = self.try_ship(batch, timeout);
         if result.is_err() {
             self.disconnect();
         }
         result
     }
 
-    fn try_ship(&mut self, instance: &str, batch: &[Waiting], timeout: Duration) -> Result<()> {
+    fn try_ship(&mut self, batch: &[Waiting], timeout: Duration) -> Result<()> {
         let days: BTreeSet<i64> = batch
             .iter()
             .map(|w| schema::day_of(w.record.second))
             .collect();
         let missing: Vec<i64> = days.difference(&self.partitioned).copied().collect();
+        let instance = self.instance.clone();
         let client = self.client(timeout)?;
         if !missing.is_empty() {
             schema::ensure_partitions(client, &missing)?;
         }
         let columns = Columns::of(batch);
-        let mut tx = client.transaction()?;
-        tx.execute(&upsert_sql(), &columns.params(&instance))?;
-        let first = batch.iter().map(|w| w.record.second).min().unwrap_or(0);
-        let last = batch.iter().map(|w| w.record.second).max().unwrap_or(0);
-        let (from, to) = (first.div_euclid(60) * 60, last.div_euclid(60) * 60 + 60);
-        tx.execute(&rollup_sql(), &[&instance, &(from as f64), &(to as f64)])?;
-        tx.commit()
-            .with_context(|| format!("{} did not commit the batch", self.url.label))?;
+        // One statement: its own transaction.
+        client
+            .execute(ship_sql(), &columns.params(&instance.as_str()))
+            .with_context(|| format!("{} did not take the batch", self.url.label))?;
         self.partitioned.extend(missing);
         Ok(())
     }
@@ -183,46 +187,54 @@ impl Columns {
     }
 }
 
-fn upsert_sql() -> String {
-    let columns = schema::counted_columns();
-    let arrays: Vec<String> = (0..columns.len() - 1)
-        .map(|i| format!("${}::int8[]", i + 4))
-        .collect();
-    let updates: Vec<String> = columns
-        .iter()
-        .map(|c| format!("{c} = excluded.{c}"))
-        .collect();
-    format!(
-        "INSERT INTO ricochet_seconds (instance, second, {cols})
-         SELECT $1, to_timestamp(s), i::numeric, {rest}
-           FROM unnest($2::float8[], $3::text[], {arrays}) AS t(s, i, {names})
-         ON CONFLICT (instance, second) DO UPDATE SET {updates}",
-        cols = columns.join(", "),
-        rest = columns[1..].join(", "),
-        arrays = arrays.join(", "),
-        names = columns[1..].join(", "),
-        updates = updates.join(", "),
-    )
-}
-
-fn rollup_sql() -> String {
-    let columns = schema::counted_columns();
-    let sums: Vec<String> = columns.iter().map(|c| format!("sum({c})")).collect();
-    let updates: Vec<String> = columns
-        .iter()
-        .map(|c| format!("{c} = excluded.{c}"))
-        .collect();
-    format!(
-        "INSERT INTO ricochet_minutes (instance, minute, seconds, {cols})
-         SELECT instance, date_trunc('minute', second, 'UTC'), count(*), {sums}
-           FROM ricochet_seconds
-          WHERE instance = $1 AND second >= to_timestamp($2::float8) AND second < to_timestamp($3::float8)
-          GROUP BY 1, 2
-         ON CONFLICT (instance, minute) DO UPDATE SET seconds = excluded.seconds, {updates}",
-        cols = columns.join(", "),
-        sums = sums.join(", "),
-        updates = updates.join(", "),
-    )
+/// One statement per batch: the rows are upserted keyed by (instance, second), overwriting, and
+/// each touched minute of the rollup gains the difference between the new rows and the rows they
+/// replaced (read from the same snapshot). A replayed batch changes nothing; a minute whose older
+/// seconds were dropped by retention keeps them.
+fn ship_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        let columns = schema::counted_columns();
+        let counts = &columns[1..];
+        let arrays: Vec<String> = (0..counts.len())
+            .map(|i| format!("${}::int8[]", i + 4))
+            .collect();
+        let overwrite: Vec<String> = columns.iter().map(|c| format!("{c} = excluded.{c}")).collect();
+        let deltas: Vec<String> = columns
+            .iter()
+            .map(|c| format!("sum(up.{c} - coalesce(old.{c}, 0))"))
+            .collect();
+        let add: Vec<String> = columns
+            .iter()
+            .map(|c| format!("{c} = ricochet_minutes.{c} + excluded.{c}"))
+            .collect();
+        format!(
+            "WITH new AS (
+                 SELECT to_timestamp(s) AS second, i::numeric AS increments, {counts}
+                   FROM unnest($2::float8[], $3::text[], {arrays}) AS t(s, i, {counts})),
+             old AS (
+                 SELECT o.second, {old_cols} FROM ricochet_seconds o
+                  WHERE o.instance = $1 AND o.second IN (SELECT second FROM new)),
+             up AS (
+                 INSERT INTO ricochet_seconds (instance, second, {cols})
+                 SELECT $1, second, {cols} FROM new
+                 ON CONFLICT (instance, second) DO UPDATE SET {overwrite}
+                 RETURNING second, {cols})
+             INSERT INTO ricochet_minutes (instance, minute, seconds, {cols})
+             SELECT $1, date_trunc('minute', up.second, 'UTC'), count(*) FILTER (WHERE old.second IS NULL), {deltas}
+               FROM up LEFT JOIN old ON old.second = up.second
+              GROUP BY 2
+             ON CONFLICT (instance, minute) DO UPDATE
+                SET seconds = ricochet_minutes.seconds + excluded.seconds, {add}",
+            counts = counts.join(", "),
+            arrays = arrays.join(", "),
+            old_cols = columns.iter().map(|c| format!("o.{c}")).collect::<Vec<_>>().join(", "),
+            cols = columns.join(", "),
+            overwrite = overwrite.join(", "),
+            deltas = deltas.join(", "),
+            add = add.join(", "),
+        )
+    })
 }
 
 #[cfg(test)]

@@ -64,7 +64,15 @@ pub fn summary(query: &str, state: &AppState) -> Response {
         Ok(q) => q,
         Err(e) => return Response::error(400, &e),
     };
-    let store = history.store.lock().unwrap_or_else(|e| e.into_inner());
+    // One summary at a time: another HTTP worker never waits behind a long one (and with it every
+    // connection it serves).
+    let store = match history.store.try_lock() {
+        Ok(store) => store,
+        Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => {
+            return Response::error(503, "another /summary is being computed: retry shortly")
+        }
+    };
     let to = q.to.unwrap_or_else(|| unix_now() + 1);
     let from = match q.from {
         Some(from) => from,

@@ -184,7 +184,8 @@ pub struct ServeArgs {
     /// Ship the per-second history to this PostgreSQL database
     /// (postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME); repeat for fallbacks, the first is the
     /// primary. Needs --state-dir, where records wait while no database answers.
-    #[arg(long, value_name = "URL", hide_env_values = true, value_parser = parse_fleet_url)]
+    /// Checked at start-up without repeating it in errors (it may hold a password).
+    #[arg(long, value_name = "URL", hide_env_values = true)]
     pub fleet: Vec<String>,
 
     /// This instance's name in the fleet and in /summary. Default: the host name.
@@ -237,10 +238,6 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
             "ring size '{s}' is not a power of two between 64 and 16384"
         )),
     }
-}
-
-fn parse_fleet_url(s: &str) -> Result<String, String> {
-    crate::fleet::TargetUrl::parse(s).map(|_| s.to_string())
 }
 
 fn parse_socket_mode(s: &str) -> Result<u32, String> {

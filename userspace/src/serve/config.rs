@@ -16,7 +16,9 @@ use crate::fleet::{FleetPlan, TargetUrl};
 use crate::http::HttpListen;
 use crate::iface;
 use crate::kernel::{Scheduling, WorkerConfig};
-use crate::spec::{CpuId, CpuList, ListenSpec, PollMode, Transport, XdpAttachMode};
+use crate::spec::{
+    format_duration, CpuId, CpuList, ListenSpec, PollMode, Transport, XdpAttachMode,
+};
 use crate::sys;
 
 /// Everything `serve` needs, resolved and checked before anything starts.
@@ -193,10 +195,17 @@ fn resolve_fleet(args: &ServeArgs, instance: &str) -> Result<Option<FleetConfig>
     if args.state_dir.is_none() {
         bail!("--fleet needs --state-dir: records wait there while no database answers");
     }
+    if args.fleet_rollup_retention < args.fleet_retention {
+        bail!("--fleet-rollup-retention ({}) is shorter than --fleet-retention ({}): long summaries read the rollup, so keep it at least as long", format_duration(args.fleet_rollup_retention), format_duration(args.fleet_retention));
+    }
     let targets = args
         .fleet
         .iter()
-        .map(|url| TargetUrl::parse(url).map_err(anyhow::Error::msg))
+        .enumerate()
+        .map(|(i, url)| {
+            // The URL is not repeated: it may hold a password.
+            TargetUrl::parse(url).map_err(|e| anyhow::anyhow!("--fleet #{}: {e}", i + 1))
+        })
         .collect::<Result<Vec<_>>>()?;
     let plan = FleetPlan {
         targets,

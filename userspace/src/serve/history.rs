@@ -39,10 +39,11 @@ impl HistoryStore {
     pub fn open(dir: &Path, resumed: u64, fleet: bool) -> Result<HistoryStore> {
         let history = History::open(dir)?;
         let baseline = match history.last_counter()? {
-            Some(last) if last <= resumed => last,
             Some(last) => {
-                tracing::warn!("the history's last counter ({last}) is ahead of the counter ({resumed}); the next record counts from the counter");
-                resumed
+                if last > resumed {
+                    tracing::warn!("the counter resumed at {resumed}, below the {last} the history recorded last (a machine crash lost increments): the values up to {last} are not counted again");
+                }
+                last
             }
             None => {
                 history.set_start(resumed)?;
@@ -154,6 +155,8 @@ struct RecorderThread {
 
 impl RecorderThread {
     fn run(&mut self, stop: &AtomicBool) -> Result<()> {
+        // At start too, so that a service restarted more often than hourly still prunes.
+        self.prune(clock().0);
         let mut recorded = 0u32;
         loop {
             let (now, to_next) = clock();

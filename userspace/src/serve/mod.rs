@@ -203,9 +203,8 @@ impl Keepers {
         if let Some(Err(e)) = self.recording.map(history::Recording::finish) {
             errors.push(format!("{e:#}"));
         }
-        match self.shipper.map(Shipper::finish) {
+        match self.shipper.and_then(Shipper::finish) {
             Some(0) => tracing::info!("fleet: every record shipped"),
-            Some(u64::MAX) => {}
             Some(n) => tracing::warn!(
                 "fleet: {n} records wait in the history store; they ship at the next start"
             ),
