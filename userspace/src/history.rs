@@ -167,6 +167,16 @@ pub struct Totals {
 }
 
 impl Totals {
+    /// Adds another range's totals.
+    pub fn merge(&mut self, other: &Totals) {
+        self.increments += other.increments;
+        self.requests += other.requests;
+        self.replies += other.replies;
+        for (a, b) in self.drops.iter_mut().zip(other.drops) {
+            *a += b;
+        }
+    }
+
     pub fn add(&mut self, s: &Second) {
         self.increments += u128::from(s.increments);
         self.requests += s.requests;

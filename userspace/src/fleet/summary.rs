@@ -132,8 +132,8 @@ pub fn query(
             let instance: String = row.get(0);
             let sums: Vec<String> = (1..row.len()).map(|i| row.get(i)).collect();
             let part = totals_of(&sums)?;
-            add(summary.instances.entry(instance).or_default(), &part);
-            add(&mut summary.total, &part);
+            summary.instances.entry(instance).or_default().merge(&part);
+            summary.total.merge(&part);
         }
     }
     Ok(summary)
@@ -179,22 +179,15 @@ fn totals_of(sums: &[String]) -> Result<Totals> {
     Ok(totals)
 }
 
-fn add(into: &mut Totals, part: &Totals) {
-    into.increments += part.increments;
-    into.requests += part.requests;
-    into.replies += part.replies;
-    for (a, b) in into.drops.iter_mut().zip(part.drops) {
-        *a += b;
-    }
-}
-
 /// Connects to the first of `urls` that answers.
 pub fn connect_any(urls: &[String]) -> Result<postgres::Client> {
     let mut errors = Vec::new();
     for url in urls {
         let target = TargetUrl::parse(url).map_err(anyhow::Error::msg)?;
         let mut config = target.config.clone();
-        config.connect_timeout(Duration::from_secs(5));
+        config
+            .connect_timeout(Duration::from_secs(5))
+            .options("-c statement_timeout=60000");
         match config.connect(NoTls) {
             Ok(client) => return Ok(client),
             Err(e) => errors.push(format!("{}: {e}", target.label)),

@@ -75,8 +75,13 @@ pub fn summary(query: &str, state: &AppState) -> Response {
     };
     let to = q.to.unwrap_or_else(|| unix_now() + 1);
     let from = match q.from {
+        Some(from) if from > to => {
+            return Response::error(400, "from is after to: give from <= to")
+        }
         Some(from) => from,
         None => match store.first_second() {
+            // A series without `from` lists the last day at most.
+            Ok(first) if q.series => first.unwrap_or(to).clamp(to - MAX_SERIES, to),
             Ok(first) => first.unwrap_or(to).min(to),
             Err(e) => return Response::error(500, &format!("cannot read the history: {e:#}")),
         },
@@ -108,6 +113,19 @@ pub fn summary(query: &str, state: &AppState) -> Response {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TargetLabel {
     target: String,
+}
+
+/// The history recorder's failures, with `--state-dir`.
+pub fn register_history(registry: &mut Registry, state: &AppState) {
+    if let Some(history) = &state.history {
+        let failures = PromCounter::<u64, AtomicU64>::default();
+        failures.inc_by(history.write_failures.load(Ordering::Relaxed));
+        registry.register(
+            "history_write_failures",
+            "Per-second records the history store refused (kept and added to the next second's)",
+            failures,
+        );
+    }
 }
 
 /// The fleet shipper's metrics, with `--fleet`.

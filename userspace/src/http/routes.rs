@@ -509,6 +509,7 @@ pub fn metrics_text(state: &AppState) -> String {
         register_field(&mut registry, &field);
     }
     register_xdp_program(&mut registry, state);
+    super::history::register_history(&mut registry, state);
     super::history::register_fleet(&mut registry, state);
     register_process(&mut registry, state);
     let mut out = String::with_capacity(16 * 1024);

@@ -168,6 +168,8 @@ pub struct AppState {
 pub struct HistoryView {
     pub instance: String,
     pub store: Mutex<History>,
+    /// Records the store refused (each kept and added to the next second's), counted by the recorder.
+    pub write_failures: Arc<AtomicU64>,
 }
 
 impl AppState {

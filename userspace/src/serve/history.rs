@@ -4,7 +4,7 @@
 //! `--fleet`) has a thread of its own. Neither is on the packet path.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -71,7 +71,13 @@ impl HistoryStore {
     }
 
     /// Starts the recorder. `keep_waiting`: retention spares records the fleet has not taken.
-    pub fn start(self, read: ReadFn, retention: Duration, keep_waiting: bool) -> Result<Recording> {
+    pub fn start(
+        self,
+        read: ReadFn,
+        retention: Duration,
+        keep_waiting: bool,
+        write_failures: Arc<AtomicU64>,
+    ) -> Result<Recording> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let mut thread = RecorderThread {
@@ -85,6 +91,7 @@ impl HistoryStore {
             retention: retention.as_secs() as i64,
             keep_waiting,
             failing: false,
+            write_failures,
         };
         let handle = std::thread::Builder::new()
             .name("history".into())
@@ -151,6 +158,7 @@ struct RecorderThread {
     retention: i64,
     keep_waiting: bool,
     failing: bool,
+    write_failures: Arc<AtomicU64>,
 }
 
 impl RecorderThread {
@@ -198,6 +206,7 @@ impl RecorderThread {
                     );
                 }
                 self.failing = true;
+                self.write_failures.fetch_add(1, Ordering::Relaxed);
                 self.carry = Some(record);
                 Err(e)
             }

@@ -15,7 +15,7 @@ mod report;
 pub mod settings;
 mod state;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -165,9 +165,11 @@ fn publish_and_keep(
         .as_ref()
         .map(|f| Arc::new(FleetStatus::new(&f.plan)));
     let history_view = history.as_mut().and_then(|h| h.view.take());
+    let write_failures = Arc::new(AtomicU64::new(0));
     let history_view = history_view.map(|store| HistoryView {
         instance: config.instance.clone(),
         store: Mutex::new(store),
+        write_failures: write_failures.clone(),
     });
     let shipper_store = history.as_mut().and_then(|h| h.shipper.take());
     let state = publish::app_state(config, paths, dropped, view, history_view, fleet.clone());
@@ -178,7 +180,8 @@ fn publish_and_keep(
     if let (Some(store), Some(plan)) = (history, plan) {
         let read = history::reading_source(paths, &state);
         let retention = plan.history_retention.0;
-        keepers.recording = Some(store.start(read, retention, fleet.is_some())?);
+        let keep_waiting = fleet.is_some();
+        keepers.recording = Some(store.start(read, retention, keep_waiting, write_failures)?);
     }
     if let (Some(f), Some(status), Some(store)) = (&config.fleet, fleet, shipper_store) {
         keepers.shipper = Some(Shipper::start(f.plan.clone(), store, status)?);
