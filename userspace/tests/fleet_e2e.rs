@@ -115,18 +115,26 @@ fn summary_increments(http: SocketAddr) -> u64 {
 
 /// `ricochet fleet summary --json` through the real command.
 fn fleet_summary(urls: &[String], range: &[&str]) -> Value {
+    try_fleet_summary(urls, range).unwrap_or_else(|e| panic!("ricochet fleet summary: {e}"))
+}
+
+/// The same, or its error (a database no shipper has reached yet has no tables).
+fn try_fleet_summary(urls: &[String], range: &[&str]) -> Result<Value, String> {
     let mut command = Command::new(BIN);
     command.args(["fleet", "summary", "--json"]);
     for url in urls {
         command.args(["--fleet", url]);
     }
     let out = command.args(range).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    match out.status.success() {
+        true => Ok(serde_json::from_slice(&out.stdout).unwrap()),
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}
+
+/// Whether the fleet already shows `expected` increments for `instance`.
+fn fleet_has(urls: &[String], instance: &str, expected: u64) -> bool {
+    try_fleet_summary(urls, &[]).is_ok_and(|s| instance_increments(&s, instance) == expected)
 }
 
 fn instance_increments(summary: &Value, instance: &str) -> u64 {
@@ -216,8 +224,7 @@ fn target_metric(name: &str, pg: &Postgres) -> String {
 /// Waits until nothing waits for the fleet and returns the fleet's view of `instance`.
 fn wait_shipped(http: SocketAddr, urls: &[String], instance: &str, expected: u64) -> Value {
     wait_until(Duration::from_secs(30), "every record is shipped", || {
-        metric(http, "ricochet_fleet_waiting_records") == 0.0
-            && instance_increments(&fleet_summary(urls, &[]), instance) == expected
+        metric(http, "ricochet_fleet_waiting_records") == 0.0 && fleet_has(urls, instance, expected)
     });
     fleet_summary(urls, &[])
 }
@@ -340,7 +347,7 @@ fn a_fallback_takes_the_records_while_the_primary_is_down_and_the_primary_takes_
         "the fallback has every record",
         || {
             metric(http, "ricochet_fleet_waiting_records") == 0.0
-                && instance_increments(&fleet_summary(&urls[1..], &[]), "beta") == sum
+                && fleet_has(&urls[1..], "beta", sum)
         },
     );
     assert_eq!(metric(http, &target_metric("up", &primary)), 0.0);
@@ -445,9 +452,12 @@ fn shipping_is_idempotent_overwrites_and_keeps_the_rollup_equal_to_the_seconds()
     let today = ricochet::history::unix_now().div_euclid(86_400);
     let end = (today + 1) * 86_400;
     let mut batch = records(&[today - 1, today], 120);
+    let mut client = pg.client();
+    // Before any shipper reached it, the database has no tables: said, not answered with zeros.
+    let e = ricochet::fleet::summary::query(&mut client, None, None).unwrap_err();
+    assert!(format!("{e:#}").contains("no ricochet tables"), "{e:#}");
     let mut shipper = target(&pg, 7);
     shipper.ship(&batch, TIMEOUT).unwrap();
-    let mut client = pg.client();
     let first = total(&mut client, None, end);
     let expected: u64 = batch.iter().map(|w| w.record.increments).sum();
     assert_eq!(first.increments, u128::from(expected));

@@ -119,6 +119,12 @@ pub fn query(
     to: Option<i64>,
 ) -> Result<FleetSummary> {
     let to = to.unwrap_or_else(|| unix_now() + 1);
+    let tables: bool = client
+        .query_one("SELECT to_regclass('ricochet_minutes') IS NOT NULL", &[])?
+        .get(0);
+    if !tables {
+        bail!("this database has no ricochet tables: no instance has shipped to it yet (is it the --fleet database?)");
+    }
     let mut summary = FleetSummary {
         from: from.map(format_time),
         to: format_time(to),
