@@ -315,16 +315,6 @@ fn the_template_unit_with_the_fleet_drop_in_passes_systemd_analyze_verify() {
         conf.replace("/usr/bin/ricochet", BIN),
     )
     .unwrap();
-    let out = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(dir.join("ricochet@a.service"))
-        .env("SYSTEMD_UNIT_PATH", format!("{}:", dir.display()))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stderr.trim().is_empty(),
-        "systemd-analyze verify:\n{stderr}"
-    );
+    assert_unit_verifies(&dir.join("ricochet@a.service"), Some(&dir));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -624,3 +624,19 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let body = reply.split_once("\r\n\r\n").unwrap().1.to_string();
     (status, body)
 }
+
+/// `systemd-analyze verify UNIT` (with `unit_path` as SYSTEMD_UNIT_PATH, for templates and drop-ins)
+/// must pass with no warning: verify exits 0 on unknown keys and unparsable values and only warns.
+pub fn assert_unit_verifies(unit: &std::path::Path, unit_path: Option<&std::path::Path>) {
+    let mut command = Command::new("systemd-analyze");
+    command.arg("verify").arg(unit);
+    if let Some(dir) = unit_path {
+        command.env("SYSTEMD_UNIT_PATH", format!("{}:", dir.display()));
+    }
+    let out = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify:\n{stderr}"
+    );
+}

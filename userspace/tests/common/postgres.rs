@@ -162,20 +162,21 @@ fn run_as_postgres(argv: &[&str], as_postgres: bool) {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
+        // Not `crash()`: a drop during a failing test must not panic again.
         let program = self.bin.join("pg_ctl").display().to_string();
+        let data = self.data();
+        let argv = [
+            program.as_str(),
+            "-D",
+            &data,
+            "-m",
+            "immediate",
+            "-w",
+            "stop",
+        ];
         let _ = Command::new("runuser")
-            .args([
-                "-u",
-                "postgres",
-                "--",
-                &program,
-                "-D",
-                &self.data(),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ])
+            .args(["-u", "postgres", "--"])
+            .args(argv)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
