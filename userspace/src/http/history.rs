@@ -105,7 +105,7 @@ pub fn summary(query: &str, state: &AppState) -> Response {
         seconds: q.series.then_some(seconds),
     };
     match serde_json::to_vec(&body) {
-        Ok(bytes) => Response::with_body(200, "application/json", Body::Owned(bytes)),
+        Ok(bytes) => Response::new(200, "application/json", Body::Owned(bytes)),
         Err(e) => Response::error(500, &format!("cannot encode the summary: {e}")),
     }
 }

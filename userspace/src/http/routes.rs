@@ -54,11 +54,7 @@ pub struct Response {
 }
 
 impl Response {
-    pub fn with_body(status: u16, content_type: &'static str, body: Body) -> Response {
-        Response::new(status, content_type, body)
-    }
-
-    fn new(status: u16, content_type: &'static str, body: Body) -> Response {
+    pub(super) fn new(status: u16, content_type: &'static str, body: Body) -> Response {
         Response {
             status,
             content_type,

@@ -68,7 +68,6 @@ pub struct FleetConfig {
     #[serde(skip)]
     pub plan: FleetPlan,
     pub targets: Vec<String>,
-    pub instance: String,
 }
 
 /// The interface, the XDP program's attachment and, in afxdp mode, the sockets.
@@ -217,7 +216,6 @@ fn resolve_fleet(args: &ServeArgs, instance: &str) -> Result<Option<FleetConfig>
     };
     Ok(Some(FleetConfig {
         targets: plan.targets.iter().map(|t| t.label.clone()).collect(),
-        instance: instance.to_string(),
         plan,
     }))
 }
