@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -24,30 +23,10 @@ fn deploy(file: &str) -> PathBuf {
         .join(file)
 }
 
-/// One HTTP/1.1 request on `stream` (Connection: close): (status, body).
-fn exchange(mut stream: impl Read + Write, method: &str, path: &str, body: &str) -> (u16, String) {
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).unwrap();
-    let status = reply.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (
-        status,
-        reply
-            .split_once("\r\n\r\n")
-            .map_or("", |(_, b)| b)
-            .to_string(),
-    )
-}
-
 fn unix_json(socket: &Path, path: &str) -> Value {
     let stream = UnixStream::connect(socket).unwrap();
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let (status, body) = exchange(stream, "GET", path, "");
+    let (status, body) = http_exchange(stream, "GET", path, "");
     assert_eq!(status, 200, "GET {path} on {}: {body}", socket.display());
     serde_json::from_str(&body).unwrap()
 }
@@ -174,7 +153,7 @@ impl Nginx {
     fn post(&self, n: u64) -> u64 {
         let stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
         stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-        let (status, body) = exchange(
+        let (status, body) = http_exchange(
             stream,
             "POST",
             "/counter",

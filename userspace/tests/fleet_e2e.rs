@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -66,17 +65,10 @@ fn send_bad(port: u16, n: usize) {
 
 /// POST /counter {"increment": n}.
 fn post_increment(http: SocketAddr, n: u64) {
+    let conn = std::net::TcpStream::connect(http).unwrap();
     let body = format!("{{\"increment\": {n}}}");
-    let mut conn = std::net::TcpStream::connect(http).unwrap();
-    write!(
-        conn,
-        "POST /counter HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut reply = String::new();
-    conn.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let (status, reply) = http_exchange(conn, "POST", "/counter", &body);
+    assert_eq!(status, 200, "{reply}");
 }
 
 fn get_json(http: SocketAddr, path: &str) -> Value {

@@ -12,6 +12,7 @@ use super::breaker::{jitter, Backoff, BreakerState};
 use super::schema;
 use super::target::{Target, TargetUrl};
 use crate::history::{self, History};
+use crate::stats::{Field, FieldKind};
 
 /// Records per upsert.
 pub const BATCH: usize = 3600;
@@ -86,6 +87,42 @@ impl FleetStatus {
             failures: AtomicU64::new(0),
             last_error: Mutex::new(None),
         }
+    }
+
+    /// The shipper's statistics, described once for `/metrics`.
+    pub fn fields(&self) -> [Field; 4] {
+        let field = |name, help, kind, value: &AtomicU64| Field {
+            name,
+            help,
+            kind,
+            value: value.load(Ordering::Relaxed),
+        };
+        [
+            field(
+                "fleet_lag_seconds",
+                "Age of the oldest record waiting to be shipped (0 when none waits)",
+                FieldKind::Gauge,
+                &self.lag_seconds,
+            ),
+            field(
+                "fleet_waiting_records",
+                "Per-second records in the history store not yet acknowledged by a fleet target",
+                FieldKind::Gauge,
+                &self.waiting,
+            ),
+            field(
+                "fleet_shipped_records",
+                "Per-second records acknowledged by a fleet target since start",
+                FieldKind::Counter,
+                &self.shipped,
+            ),
+            field(
+                "fleet_failures",
+                "Fleet batches and health checks that failed since start",
+                FieldKind::Counter,
+                &self.failures,
+            ),
+        ]
     }
 
     /// The same as JSON, for `/stats`.

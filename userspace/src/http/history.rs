@@ -1,16 +1,16 @@
 //! GET /summary (the per-second history of `--state-dir`) and the fleet shipper's metrics.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter as PromCounter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::Registry;
 
-use super::routes::{Body, Response};
+use super::routes::{register_field, Body, Response};
 use super::state::AppState;
 use crate::history::{format_time, parse_time, unix_now, Second, Totals};
+use crate::stats::{Field, FieldKind};
 
 /// The most seconds one `series=1` answer lists.
 pub const MAX_SERIES: i64 = 86_400;
@@ -118,13 +118,14 @@ struct TargetLabel {
 /// The history recorder's failures, with `--state-dir`.
 pub fn register_history(registry: &mut Registry, state: &AppState) {
     if let Some(history) = &state.history {
-        let failures = PromCounter::<u64, AtomicU64>::default();
-        failures.inc_by(history.write_failures.load(Ordering::Relaxed));
-        registry.register(
-            "history_write_failures",
-            "Per-second records the history store refused (kept and added to the next second's)",
-            failures,
-        );
+        let failures = Field {
+            name: "history_write_failures",
+            help:
+                "Per-second records the history store refused (kept and added to the next second's)",
+            kind: FieldKind::Counter,
+            value: history.write_failures.load(Ordering::Relaxed),
+        };
+        register_field(registry, &failures);
     }
 }
 
@@ -155,37 +156,9 @@ pub fn register_fleet(registry: &mut Registry, state: &AppState) {
         "The fleet target's circuit breaker: 0 closed, 1 half-open, 2 open",
         breaker,
     );
-    let gauge = |value: u64| {
-        let g = Gauge::<u64, AtomicU64>::default();
-        g.set(value);
-        g
-    };
-    registry.register_with_unit(
-        "fleet_lag",
-        "Age of the oldest record waiting to be shipped (0 when none waits)",
-        Unit::Seconds,
-        gauge(fleet.lag_seconds.load(Ordering::Relaxed)),
-    );
-    registry.register(
-        "fleet_waiting_records",
-        "Per-second records in the history store not yet acknowledged by a fleet target",
-        gauge(fleet.waiting.load(Ordering::Relaxed)),
-    );
-    let counter = |value: u64| {
-        let c = PromCounter::<u64, AtomicU64>::default();
-        c.inc_by(value);
-        c
-    };
-    registry.register(
-        "fleet_shipped_records",
-        "Per-second records acknowledged by a fleet target since start",
-        counter(fleet.shipped.load(Ordering::Relaxed)),
-    );
-    registry.register(
-        "fleet_failures",
-        "Fleet batches and health checks that failed since start",
-        counter(fleet.failures.load(Ordering::Relaxed)),
-    );
+    for field in fleet.fields() {
+        register_field(registry, &field);
+    }
 }
 
 #[cfg(test)]

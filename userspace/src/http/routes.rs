@@ -371,14 +371,17 @@ where
 
 /// Registers `metric` under `name`; a name ending in `_bytes` gets the OpenMetrics unit.
 fn register_named(registry: &mut Registry, name: &str, help: &str, metric: impl Metric) {
-    match name.strip_suffix("_bytes") {
-        Some(base) => registry.register_with_unit(base, help, Unit::Bytes, metric),
-        None => registry.register(name, help, metric),
+    if let Some(base) = name.strip_suffix("_bytes") {
+        registry.register_with_unit(base, help, Unit::Bytes, metric)
+    } else if let Some(base) = name.strip_suffix("_seconds") {
+        registry.register_with_unit(base, help, Unit::Seconds, metric)
+    } else {
+        registry.register(name, help, metric)
     }
 }
 
 /// Registers one statistic without labels.
-fn register_field(registry: &mut Registry, field: &Field) {
+pub(super) fn register_field(registry: &mut Registry, field: &Field) {
     match field.kind {
         FieldKind::Counter => {
             let metric = PromCounter::<u64>::default();

@@ -640,3 +640,28 @@ pub fn assert_unit_verifies(unit: &std::path::Path, unit_path: Option<&std::path
         "systemd-analyze verify:\n{stderr}"
     );
 }
+
+/// One HTTP/1.1 request on `stream` (Connection: close): (status, body).
+pub fn http_exchange(
+    mut stream: impl Read + Write,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    let status = reply.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (
+        status,
+        reply
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_string(),
+    )
+}
