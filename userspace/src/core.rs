@@ -157,6 +157,11 @@ impl<'s> Batch<'s> {
         }
     }
 
+    /// The statistics the batch counts into.
+    pub fn stats(&self) -> &'s WorkerStats {
+        self.stats
+    }
+
     /// Verifies one request and counts it. Invalid requests are counted by reason and never answered.
     #[inline]
     pub fn admit(&mut self, protocol: Protocol, request: &[u8]) -> Ticket {

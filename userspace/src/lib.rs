@@ -33,5 +33,6 @@ pub mod serve;
 pub mod spec;
 pub mod stats;
 pub mod sys;
+pub mod tcp_lite;
 pub mod wire;
 pub mod xdp;

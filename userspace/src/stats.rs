@@ -109,6 +109,106 @@ pub struct WorkerStats {
     pub conns_rejected: Tally,
     /// Connections accepted and closed at once because the process was out of file descriptors.
     pub conns_refused: Tally,
+    /// TCP-lite (the bypass datapaths' TCP): the connection statistics of [`TcpLiteStats`].
+    pub tcp: TcpLiteTallies,
+}
+
+/// TCP-lite's own counts, written by the worker that owns the connection table.
+#[derive(Debug, Default)]
+pub struct TcpLiteTallies {
+    /// Third ACKs whose SYN cookie checked out: connections created.
+    pub handshakes: Tally,
+    /// ACK segments for no known connection whose cookie did not check out (never answered).
+    pub cookie_failures: Tally,
+    /// Segments carrying request bytes that had already been received (answered from the replies
+    /// not yet acknowledged, never counted again).
+    pub retransmitted: Tally,
+    /// Segments that started beyond the next expected byte (dropped, answered with a duplicate ACK).
+    pub out_of_order: Tally,
+    /// RST segments sent.
+    pub resets_sent: Tally,
+    /// Handshakes refused (RST) because the connection table was full.
+    pub table_full: Tally,
+    /// Connections forgotten after `--tcp-idle-timeout` without a segment.
+    pub idle_closed: Tally,
+}
+
+impl TcpLiteTallies {
+    fn snapshot(&self) -> TcpLiteStats {
+        TcpLiteStats {
+            handshakes: self.handshakes.get(),
+            cookie_failures: self.cookie_failures.get(),
+            retransmitted: self.retransmitted.get(),
+            out_of_order: self.out_of_order.get(),
+            resets_sent: self.resets_sent.get(),
+            table_full: self.table_full.get(),
+            idle_closed: self.idle_closed.get(),
+        }
+    }
+}
+
+/// A plain copy of [`TcpLiteTallies`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpLiteStats {
+    pub handshakes: u64,
+    pub cookie_failures: u64,
+    pub retransmitted: u64,
+    pub out_of_order: u64,
+    pub resets_sent: u64,
+    pub table_full: u64,
+    pub idle_closed: u64,
+}
+
+impl TcpLiteStats {
+    fn merge(&mut self, o: &TcpLiteStats) {
+        self.handshakes += o.handshakes;
+        self.cookie_failures += o.cookie_failures;
+        self.retransmitted += o.retransmitted;
+        self.out_of_order += o.out_of_order;
+        self.resets_sent += o.resets_sent;
+        self.table_full += o.table_full;
+        self.idle_closed += o.idle_closed;
+    }
+
+    fn fields(&self) -> [Field; 7] {
+        [
+            Field::counter(
+                "tcp_handshakes",
+                "TCP-lite handshakes completed (valid SYN cookie)",
+                self.handshakes,
+            ),
+            Field::counter(
+                "tcp_cookie_failures",
+                "TCP-lite segments for no connection whose SYN cookie failed (never answered)",
+                self.cookie_failures,
+            ),
+            Field::counter(
+                "tcp_retransmitted",
+                "TCP-lite segments repeating request bytes already received (never counted twice)",
+                self.retransmitted,
+            ),
+            Field::counter(
+                "tcp_out_of_order",
+                "TCP-lite segments beyond the next expected byte (dropped, duplicate ACK sent)",
+                self.out_of_order,
+            ),
+            Field::counter(
+                "tcp_resets_sent",
+                "TCP-lite RST segments sent",
+                self.resets_sent,
+            ),
+            Field::counter(
+                "tcp_table_full",
+                "TCP-lite handshakes refused because the connection table was full",
+                self.table_full,
+            ),
+            Field::counter(
+                "tcp_idle_closed",
+                "TCP-lite connections forgotten after the idle timeout",
+                self.idle_closed,
+            ),
+        ]
+    }
 }
 
 impl WorkerStats {
@@ -137,6 +237,7 @@ impl WorkerStats {
             conns_closed: self.conns_closed.get(),
             conns_rejected: self.conns_rejected.get(),
             conns_refused: self.conns_refused.get(),
+            tcp: self.tcp.snapshot(),
         }
     }
 }
@@ -154,6 +255,7 @@ pub struct StatsSnapshot {
     pub conns_closed: u64,
     pub conns_rejected: u64,
     pub conns_refused: u64,
+    pub tcp: TcpLiteStats,
 }
 
 /// Whether a statistic is a monotonic counter or an instantaneous value.
@@ -187,7 +289,8 @@ impl Field {
 impl StatsSnapshot {
     /// Every statistic of the record except the drops (see [`StatsSnapshot::drops`]), in report
     /// order. The exit report, `/metrics` and `/stats` all render from this list.
-    pub fn fields(&self) -> [Field; 9] {
+    pub fn fields(&self) -> [Field; 17] {
+        let [a, b, c, d, e, f, g] = self.tcp.fields();
         [
             Field::counter("requests", "Requests received", self.requests),
             Field::counter("replies", "Replies sent", self.replies),
@@ -214,6 +317,19 @@ impl StatsSnapshot {
                 "Connections refused because the process was out of file descriptors",
                 self.conns_refused,
             ),
+            Field {
+                name: "conns_open",
+                help: "Stream connections open now",
+                kind: FieldKind::Gauge,
+                value: self.conns_opened.saturating_sub(self.conns_closed),
+            },
+            a,
+            b,
+            c,
+            d,
+            e,
+            f,
+            g,
         ]
     }
 
@@ -238,6 +354,7 @@ impl StatsSnapshot {
         self.conns_closed += other.conns_closed;
         self.conns_rejected += other.conns_rejected;
         self.conns_refused += other.conns_refused;
+        self.tcp.merge(&other.tcp);
     }
 }
 

@@ -62,6 +62,7 @@ fn datapaths_and_lower_layers_never_use_http_or_the_commands() {
         "kernel",
         "xdp",
         "afxdp",
+        "tcp_lite",
     ];
     for module in lower {
         let uses = graph
