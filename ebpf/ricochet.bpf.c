@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT OR Apache-2.0
 /* ricochet's XDP programs.
  *
- * ricochet_steer (afxdp mode): frames for a UDP listener go to the AF_XDP socket of their RX queue.
+ * ricochet_steer (afxdp mode): frames for a UDP listener, and TCP segments for a TCP listener (the
+ *   workers run TCP-lite), go to the AF_XDP socket of their RX queue.
  * ricochet_respond (xdp mode): frames for a UDP listener are verified, counted and answered here,
  *   with XDP_TX; the counter lives in a BPF_F_MMAPABLE array that userspace maps and shares.
  *
@@ -17,6 +18,7 @@
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
+#include <linux/tcp.h>
 #include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
@@ -148,7 +150,7 @@ static __always_inline int parse_request(struct xdp_md *ctx, struct request *req
 	if (proto < 0)
 		return STAT_PASSED;
 
-	struct listener_key key = {};
+	struct listener_key key = { .transport = IPPROTO_UDP };
 	struct udphdr *udp;
 	void *ip_payload_end;
 	int first_fragment = 0;
@@ -205,11 +207,51 @@ static __always_inline int parse_request(struct xdp_md *ctx, struct request *req
 	return -1;
 }
 
+/* Whether a frame is a TCP segment for a TCP listener (afxdp mode's TCP-lite): IPv4 without options
+ * and not a fragment, or IPv6 without extension headers, the TCP header's fixed part in the frame.
+ * Everything else about the segment is checked by the AF_XDP worker. */
+static __always_inline int is_tcp_for_listener(struct xdp_md *ctx)
+{
+	struct cursor c = { .pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end };
+	int proto = parse_eth(&c);
+	struct listener_key key = { .transport = IPPROTO_TCP };
+	struct tcphdr *tcp;
+	if (proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = c.pos;
+		if ((void *)(ip + 1) > c.end)
+			return 0;
+		if (ip->version != 4 || ip->ihl != 5 || ip->protocol != IPPROTO_TCP)
+			return 0;
+		if (bpf_ntohs(ip->frag_off) & (IP_MF_ | IP_OFFSET_))
+			return 0;
+		tcp = (void *)(ip + 1);
+		key.family = 4;
+		__builtin_memcpy(key.addr, &ip->daddr, 4);
+	} else if (proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = c.pos;
+		if ((void *)(ip6 + 1) > c.end)
+			return 0;
+		if (ip6->version != 6 || ip6->nexthdr != IPPROTO_TCP)
+			return 0;
+		tcp = (void *)(ip6 + 1);
+		key.family = 6;
+		__builtin_memcpy(key.addr, &ip6->daddr, 16);
+	} else {
+		return 0;
+	}
+	if ((void *)(tcp + 1) > c.end)
+		return 0;
+	key.port = tcp->dest;
+	return find_listener(&key) != 0;
+}
+
 static __always_inline int steer(struct xdp_md *ctx)
 {
 	struct request req;
 	int action;
 	int stat = parse_request(ctx, &req, &action);
+	if (stat == STAT_PASSED && is_tcp_for_listener(ctx))
+		stat = -1;
 	if (stat >= 0)
 		return verdict(stat, action);
 	/* XDP_PASS when no AF_XDP socket sits in this queue's slot: the kernel path answers. */

@@ -12,11 +12,12 @@
 #define PROTO_SOCKPERF 2
 
 /* Listener key: destination address and port as they appear on the wire.
- * family is 4 or 6; IPv4 addresses occupy addr[0..4] with the rest zero. An all-zero address is a
+ * family is 4 or 6; transport is the IP protocol (UDP, or TCP for afxdp mode's TCP-lite); IPv4
+ * addresses occupy addr[0..4] with the rest zero. An all-zero address is a
  * wildcard (0.0.0.0 or ::) matching any destination address of that family. */
 struct listener_key {
 	__u8 family;
-	__u8 pad;
+	__u8 transport;
 	__be16 port;
 	__u8 addr[16];
 };

@@ -19,39 +19,53 @@ use std::net::{IpAddr, SocketAddr};
 use crate::core::Protocol;
 use crate::stats::DropReason;
 use crate::wire::{FRAME_LEN, SOCKPERF_HEADER_LEN};
-use crate::xdp::maps::ListenerKey;
+use crate::xdp::maps::{ListenerKey, TRANSPORT_UDP};
 
 const ETHERNET_HEADER_LEN: usize = 14;
 const VLAN_TAG_LEN: usize = 4;
 const MAX_VLAN_TAGS: usize = 2;
-const ETHERTYPE_IPV4: u16 = 0x0800;
-const ETHERTYPE_IPV6: u16 = 0x86dd;
+pub(super) const ETHERTYPE_IPV4: u16 = 0x0800;
+pub(super) const ETHERTYPE_IPV6: u16 = 0x86dd;
 const ETHERTYPE_8021Q: u16 = 0x8100;
 const ETHERTYPE_8021AD: u16 = 0x88a8;
-const IPV4_HEADER_LEN: usize = 20;
-const IPV6_HEADER_LEN: usize = 40;
+pub(super) const IPV4_HEADER_LEN: usize = 20;
+pub(super) const IPV6_HEADER_LEN: usize = 40;
 const UDP_HEADER_LEN: usize = 8;
 const IPPROTO_UDP: u8 = 17;
 /// IPv4 flags and fragment offset: more fragments, and the offset in 8-byte units.
-const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
-const IPV4_FRAGMENT_OFFSET: u16 = 0x1fff;
+pub(super) const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
+pub(super) const IPV4_FRAGMENT_OFFSET: u16 = 0x1fff;
 
 /// A destination as the programs' `listeners` map keys it: port, family (4 or 6) and address, an
 /// IPv4 address in the first four bytes. Ordered by port first, so a lookup is a binary search.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct Destination {
+pub(super) struct Destination {
     port: u16,
     family: u8,
+    /// The IP protocol number of the transport (`listener_key.transport`).
+    transport: u8,
     addr: [u8; 16],
 }
 
 impl Destination {
-    fn of(addr: SocketAddr) -> Destination {
-        let key = ListenerKey::new(addr);
+    fn of(key: ListenerKey) -> Destination {
         Destination {
-            port: addr.port(),
+            port: u16::from_be(key.port_be),
             family: key.family,
+            transport: key.transport,
             addr: key.addr,
+        }
+    }
+
+    /// The destination of a frame: `ipv6` selects the family, `addr` holds 4 or 16 bytes.
+    pub(super) fn from_frame(transport: u8, ipv6: bool, addr: &[u8], port: u16) -> Destination {
+        let mut bytes = [0u8; 16];
+        bytes[..addr.len()].copy_from_slice(addr);
+        Destination {
+            port,
+            family: if ipv6 { 6 } else { 4 },
+            transport,
+            addr: bytes,
         }
     }
 
@@ -75,12 +89,21 @@ impl Listeners {
     /// A later listener with the same address and port replaces an earlier one, as an update of the
     /// programs' hash map does.
     pub fn new(listeners: &[(SocketAddr, Protocol)]) -> Listeners {
-        let mut sorted: Vec<(Destination, Protocol)> = Vec::with_capacity(listeners.len());
-        for (addr, protocol) in listeners {
-            let key = Destination::of(*addr);
+        Listeners::with_tcp(listeners, &[])
+    }
+
+    /// UDP listeners and TCP listeners (whose segments TCP-lite answers).
+    pub fn with_tcp(udp: &[(SocketAddr, Protocol)], tcp: &[(SocketAddr, Protocol)]) -> Listeners {
+        let keys = udp
+            .iter()
+            .map(|(addr, p)| (ListenerKey::new(*addr), *p))
+            .chain(tcp.iter().map(|(addr, p)| (ListenerKey::tcp(*addr), *p)));
+        let mut sorted: Vec<(Destination, Protocol)> = Vec::with_capacity(udp.len() + tcp.len());
+        for (key, protocol) in keys {
+            let key = Destination::of(key);
             match sorted.iter_mut().find(|(k, _)| *k == key) {
-                Some(entry) => entry.1 = *protocol,
-                None => sorted.push((key, *protocol)),
+                Some(entry) => entry.1 = protocol,
+                None => sorted.push((key, protocol)),
             }
         }
         sorted.sort_unstable_by_key(|(key, _)| *key);
@@ -90,10 +113,10 @@ impl Listeners {
     /// The protocol of the listener for `destination`: its exact address first, then the unspecified
     /// address (0.0.0.0 or ::) of the same family.
     pub fn lookup(&self, destination: SocketAddr) -> Option<Protocol> {
-        self.find(Destination::of(destination))
+        self.find(Destination::of(ListenerKey::new(destination)))
     }
 
-    fn find(&self, key: Destination) -> Option<Protocol> {
+    pub(super) fn find(&self, key: Destination) -> Option<Protocol> {
         let get = |key: &Destination| {
             let i = self.sorted.binary_search_by(|(k, _)| k.cmp(key)).ok()?;
             Some(self.sorted[i].1)
@@ -160,12 +183,12 @@ pub struct UdpFrame {
     pub payload_len: usize,
 }
 
-fn be16(frame: &[u8], at: usize) -> Option<u16> {
+pub(super) fn be16(frame: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*frame.get(at)?, *frame.get(at + 1)?]))
 }
 
 /// The EtherType after up to two VLAN tags and where the network header starts.
-fn parse_ethernet(frame: &[u8]) -> Option<(u16, usize)> {
+pub(super) fn parse_ethernet(frame: &[u8]) -> Option<(u16, usize)> {
     let mut ethertype = be16(frame, 12)?;
     let mut offset = ETHERNET_HEADER_LEN;
     for _ in 0..MAX_VLAN_TAGS {
@@ -285,15 +308,17 @@ impl UdpFrame {
     /// The destination as the listener table keys it, read straight from the frame.
     fn destination_key(&self, frame: &[u8]) -> Option<Destination> {
         let port = be16(frame, self.udp_offset + 2)?;
-        let mut addr = [0u8; 16];
-        let family = if self.ipv6 {
-            addr.copy_from_slice(frame.get(self.ip_offset + 24..self.ip_offset + 40)?);
-            6
+        let addr = if self.ipv6 {
+            frame.get(self.ip_offset + 24..self.ip_offset + 40)?
         } else {
-            addr[..4].copy_from_slice(frame.get(self.ip_offset + 16..self.ip_offset + 20)?);
-            4
+            frame.get(self.ip_offset + 16..self.ip_offset + 20)?
         };
-        Some(Destination { port, family, addr })
+        Some(Destination::from_frame(
+            TRANSPORT_UDP,
+            self.ipv6,
+            addr,
+            port,
+        ))
     }
 
     /// The source and destination address fields, in the frame's IP header.
@@ -343,7 +368,7 @@ impl UdpFrame {
 }
 
 /// Adds `bytes` as big-endian 16-bit words to `sum` (RFC 1071), an odd last byte padded with zero.
-fn ones_complement_sum(bytes: &[u8], mut sum: u64) -> u64 {
+pub(super) fn ones_complement_sum(bytes: &[u8], mut sum: u64) -> u64 {
     let mut words = bytes.chunks_exact(2);
     for word in &mut words {
         sum += u64::from(u16::from_be_bytes([word[0], word[1]]));
@@ -355,7 +380,7 @@ fn ones_complement_sum(bytes: &[u8], mut sum: u64) -> u64 {
 }
 
 /// Folds a ones' complement sum to 16 bits.
-fn fold(mut sum: u64) -> u16 {
+pub(super) fn fold(mut sum: u64) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }

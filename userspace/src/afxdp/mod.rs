@@ -1,10 +1,12 @@
-//! The AF_XDP datapath: the XDP program steers frames for the UDP listeners into one AF_XDP socket
-//! per RX queue; a pinned worker per queue answers them in UMEM with the shared core.
+//! The AF_XDP datapath: the XDP program steers frames for the UDP listeners, and segments for the TCP
+//! listeners, into one AF_XDP socket per RX queue; a pinned worker per queue answers them in UMEM
+//! with the shared core (TCP through its own TCP-lite connection table).
 
 pub mod engine;
 mod flusher;
 pub mod frame;
 mod ledger;
+pub mod segment;
 mod umem;
 pub mod worker;
 
@@ -13,6 +15,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 
@@ -27,6 +30,7 @@ use crate::spec::CpuId;
 use crate::spec::XdpAttachMode;
 use crate::stats::{WorkerStats, XskLive, XskStats};
 use crate::sys;
+use crate::tcp_lite::{Cookies, TcpLimits};
 use crate::xdp::{AttachedMode, ProgramKind, XdpProgram};
 
 /// A running AF_XDP worker.
@@ -66,11 +70,14 @@ fn place_thread(queue: u32, cpu: CpuId, fifo_priority: Option<i32>) -> Result<()
     Ok(())
 }
 
-/// What the AF_XDP datapath serves: its sockets, the UDP listeners the program steers, the queues
-/// (checked against the interface by the caller) and the CPUs, mapped queue by queue.
+/// What the AF_XDP datapath serves: its sockets, the UDP and TCP listeners the program steers, the
+/// queues (checked against the interface by the caller) and the CPUs, mapped queue by queue.
 pub struct AfxdpPlan<'a> {
     pub params: &'a SocketParams,
     pub listeners: &'a [(SocketAddr, Protocol)],
+    pub tcp_listeners: &'a [(SocketAddr, Protocol)],
+    /// Each worker's TCP-lite table (`--tcp-max-conns`, `--tcp-idle-timeout`).
+    pub tcp: TcpSettings,
     pub queues: &'a [u32],
     pub cpus: &'a [CpuId],
     pub xdp_mode: XdpAttachMode,
@@ -88,8 +95,12 @@ pub fn start(
     stop: Arc<AtomicBool>,
 ) -> Result<AfXdpDatapath> {
     let mut program = XdpProgram::load(ProgramKind::Steer, plan.listeners)?;
+    program.add_tcp_listeners(plan.tcp_listeners)?;
     let attached = program.attach(&plan.params.iface, plan.xdp_mode, plan.force)?;
-    let engine = FrameEngine::new(frame::Listeners::new(plan.listeners));
+    let listeners = frame::Listeners::with_tcp(plan.listeners, plan.tcp_listeners);
+    let cookies = Cookies::new(cookie_secret()?);
+    let limits = plan.tcp.limits(plan.params.frame_size);
+    let epoch = Instant::now();
     let mut starting = Starting {
         workers: Vec::with_capacity(plan.queues.len()),
         stop: stop.clone(),
@@ -99,7 +110,7 @@ pub fn start(
         let context = WorkerContext {
             params: plan.params.clone(),
             queue,
-            engine: engine.clone(),
+            engine: FrameEngine::new(listeners.clone(), limits, cookies.clone(), epoch),
             stats: Arc::new(WorkerStats::default()),
             counter: counter.clone(),
             stop: stop.clone(),
@@ -117,6 +128,39 @@ pub fn start(
         attached,
         zero_copy,
     })
+}
+
+/// The TCP-lite limits of each worker's connection table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct TcpSettings {
+    pub max_conns: u32,
+    pub idle_timeout_secs: u32,
+}
+
+/// Headroom the kernel leaves before a received frame in copy mode (XDP_PACKET_HEADROOM).
+const RX_HEADROOM: u32 = 256;
+/// Ethernet with two VLAN tags, IPv6 and a TCP header with 40 bytes of options.
+const MAX_TCP_HEADERS: u32 = 14 + 8 + 40 + 60;
+
+impl TcpSettings {
+    /// The limits for UMEM frames of `frame_size` bytes: the largest MSS offered leaves room in a
+    /// frame for the headers of any segment that carries it.
+    pub fn limits(&self, frame_size: u32) -> TcpLimits {
+        let room = frame_size.saturating_sub(RX_HEADROOM + MAX_TCP_HEADERS);
+        TcpLimits {
+            max_conns: self.max_conns as usize,
+            idle_timeout: self.idle_timeout_secs,
+            max_mss: room.min(u32::from(u16::MAX)) as u16,
+        }
+    }
+}
+
+/// A fresh random SYN-cookie secret for this datapath's workers.
+fn cookie_secret() -> Result<[u8; 16]> {
+    let mut key = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut key)
+        .context("cannot read a SYN-cookie secret from /dev/urandom")?;
+    Ok(key)
 }
 
 /// The workers of a start-up in progress: dropped before start-up finishes (an error), it stops

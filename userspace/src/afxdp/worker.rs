@@ -16,11 +16,11 @@ use anyhow::{anyhow, Context, Result};
 use xdpilone::xdp::XdpDesc;
 use xdpilone::{DeviceQueue, IfInfo, RingRx, RingTx, Socket, SocketConfig, UmemConfig, User};
 
-use super::engine::{FrameEngine, Located};
+use super::engine::{Admitted, FrameEngine};
 use super::flusher::TxFlusher;
 use super::ledger::FrameLedger;
 use super::umem::UmemArea;
-use crate::core::{Batch, Counter, Ticket};
+use crate::core::{Batch, Counter};
 use crate::privilege::Lockdown;
 use crate::spec::{PollMode, ZeroCopy};
 use crate::stats::{WorkerStats, XskLive, XskStats};
@@ -220,12 +220,15 @@ struct Worker {
     batch: u32,
     spin: bool,
     publish_due: Every,
-    /// The batch in hand: descriptors, then the core's verdict and the located frame for each.
+    /// When TCP-lite next forgets idle connections.
+    expire_due: Every,
+    /// The batch in hand: descriptors, then what became of each.
     descs: Vec<XdpDesc>,
-    admitted: Vec<(Ticket, Option<Located>)>,
+    admitted: Vec<Admitted>,
     replies: Vec<XdpDesc>,
-    /// Reply payload bytes per queued reply, so tx_bytes counts payloads as rx_bytes does.
-    reply_payloads: Vec<u16>,
+    /// Per queued reply, its payload bytes and the requests it answers, for `tx_bytes` and
+    /// `replies` (zero for TCP-lite, which counts as it produces replies).
+    reply_counts: Vec<(u16, u8)>,
 }
 
 impl Worker {
@@ -237,10 +240,11 @@ impl Worker {
             flusher: TxFlusher::new(rings.zero_copy),
             spin: ctx.params.poll == PollMode::Spin,
             publish_due: Every::new(PUBLISH_INTERVAL),
+            expire_due: Every::new(EXPIRE_INTERVAL),
             descs: Vec::with_capacity(capacity),
             admitted: Vec::with_capacity(capacity),
             replies: Vec::with_capacity(capacity),
-            reply_payloads: Vec::with_capacity(capacity),
+            reply_counts: Vec::with_capacity(capacity),
             batch,
             ctx,
             rings,
@@ -254,6 +258,10 @@ impl Worker {
                 if let Ok(x) = self.rings.user.statistics_v2() {
                     self.ctx.live.publish(&xsk_stats(&x));
                 }
+            }
+            if self.expire_due.check(Instant::now()) {
+                let now = self.ctx.engine.now();
+                self.ctx.engine.expire(now, &self.ctx.stats);
             }
             self.reap_completions();
             self.refill();
@@ -327,25 +335,38 @@ impl Worker {
     /// answered frame into its reply in place; the rest go straight back to the free list.
     fn answer_batch(&mut self) {
         let mut core_batch = Batch::new(&self.ctx.stats);
+        let now = self.ctx.engine.now();
+        let frame_size = u64::from(self.ctx.params.frame_size);
         self.admitted.clear();
         for desc in &self.descs {
-            let frame = self.rings.area.bytes_mut(desc.addr, desc.len);
-            let admitted = self.ctx.engine.admit(&mut core_batch, frame.as_deref());
+            // The frame from the descriptor to the end of its UMEM frame: a TCP answer may be
+            // longer than the segment it answers.
+            let room = (frame_size - desc.addr % frame_size) as u32;
+            let frame = self.rings.area.bytes_mut(desc.addr, room);
+            let admitted = self.ctx.engine.admit(
+                &mut core_batch,
+                frame,
+                desc.len as usize,
+                &*self.ctx.counter,
+                now,
+            );
             self.admitted.push(admitted);
         }
         let commit = core_batch.commit(&*self.ctx.counter);
         self.replies.clear();
-        self.reply_payloads.clear();
-        for (desc, &(ticket, located)) in self.descs.iter().zip(&self.admitted) {
-            let reply = match self.rings.area.bytes_mut(desc.addr, desc.len) {
-                Some(frame) => FrameEngine::answer(&commit, ticket, located, frame),
+        self.reply_counts.clear();
+        for (desc, &admitted) in self.descs.iter().zip(&self.admitted) {
+            let room = (frame_size - desc.addr % frame_size) as u32;
+            let reply = match self.rings.area.bytes_mut(desc.addr, room) {
+                Some(frame) => FrameEngine::answer(&commit, admitted, frame, desc.len as usize),
                 None => None,
             };
             let Some(reply) = reply else {
                 self.ledger.recycle(desc.addr);
                 continue;
             };
-            self.reply_payloads.push(reply.payload_len as u16);
+            self.reply_counts
+                .push((reply.payload_len as u16, reply.replies));
             self.replies.push(XdpDesc {
                 addr: desc.addr,
                 len: reply.frame_len as u32,
@@ -362,11 +383,12 @@ impl Worker {
         }
         let sent = self.queue_replies();
         let stats = &self.ctx.stats;
-        let bytes: u64 = self.reply_payloads[..sent]
+        let (bytes, replies) = self.reply_counts[..sent]
             .iter()
-            .map(|&n| u64::from(n))
-            .sum();
-        stats.replies.add(sent as u64);
+            .fold((0u64, 0u64), |(b, r), &(n, k)| {
+                (b + u64::from(n), r + u64::from(k))
+            });
+        stats.replies.add(replies);
         stats.tx_bytes.add(bytes);
         if sent < self.replies.len() {
             stats.tx_errors.add((self.replies.len() - sent) as u64);
@@ -448,6 +470,9 @@ impl Every {
         true
     }
 }
+
+/// How often TCP-lite looks for connections past their idle timeout (a scan of the table).
+const EXPIRE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long a blocking worker sleeps in poll() before looking at the stop flag.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 
 use super::args::{Mode, ServeArgs};
 use super::settings::{Setting, Settings};
-use crate::afxdp::SocketParams;
+use crate::afxdp::{SocketParams, TcpSettings};
 use crate::core::Protocol;
 use crate::fleet::{FleetPlan, TargetUrl};
 use crate::http::HttpListen;
@@ -88,6 +88,9 @@ pub struct AfxdpConfig {
     pub queues: Vec<u32>,
     /// Every queue's socket is made alike.
     pub socket: SocketParams,
+    /// The TCP listeners whose segments the workers answer with TCP-lite.
+    pub tcp_listeners: Vec<(SocketAddr, Protocol)>,
+    pub tcp: TcpSettings,
 }
 
 /// The HTTP endpoints. The token is never serialised.
@@ -266,25 +269,44 @@ fn resolve_bypass(args: &ServeArgs, afxdp_fifo: Option<i32>) -> Result<Option<By
         (_, None) => bail!("--mode {mode} needs --iface IF: the interface to serve"),
         (_, Some(iface)) => iface.clone(),
     };
-    let udp_listeners: Vec<(SocketAddr, Protocol)> = args
-        .listen
-        .iter()
-        .filter_map(|spec| match spec.transport {
-            Transport::Udp(addr) => Some((addr, spec.protocol)),
+    let udp_listeners = listeners_of(args, |t| match t {
+        Transport::Udp(addr) => Some(*addr),
+        _ => None,
+    });
+    // TCP-lite runs in the AF_XDP workers; in xdp mode the kernel path serves TCP.
+    let tcp_listeners = match mode {
+        Mode::Afxdp => listeners_of(args, |t| match t {
+            Transport::Tcp(addr) => Some(*addr),
             _ => None,
-        })
-        .collect();
-    if udp_listeners.is_empty() {
-        bail!("--mode {mode} serves UDP listeners: add --listen udp://ADDR:PORT");
+        }),
+        _ => Vec::new(),
+    };
+    if udp_listeners.is_empty() && tcp_listeners.is_empty() {
+        match mode {
+            Mode::Afxdp => bail!("--mode afxdp serves UDP and TCP listeners: add --listen udp://ADDR:PORT or tcp://ADDR:PORT"),
+            _ => bail!("--mode {mode} serves UDP listeners: add --listen udp://ADDR:PORT"),
+        }
     }
-    if udp_listeners.iter().any(|(addr, _)| addr.port() == 0) {
-        bail!("--mode {mode} needs fixed UDP ports (the XDP program matches them): replace port 0");
+    let steered = || {
+        udp_listeners
+            .iter()
+            .chain(&tcp_listeners)
+            .map(|(addr, _)| *addr)
+    };
+    if steered().any(|addr| addr.port() == 0) {
+        bail!("--mode {mode} needs fixed ports (the XDP program matches them): replace port 0");
     }
     // Fails with "no interface named" first when there is no such interface.
     let n_queues = iface::rx_queue_count(&iface)?;
-    iface::check_listener_addresses(&iface, udp_listeners.iter().map(|(addr, _)| *addr))?;
+    iface::check_listener_addresses(&iface, steered())?;
     let afxdp = match mode {
-        Mode::Afxdp => Some(resolve_afxdp(args, &iface, n_queues, afxdp_fifo)?),
+        Mode::Afxdp => Some(resolve_afxdp(
+            args,
+            &iface,
+            n_queues,
+            afxdp_fifo,
+            tcp_listeners,
+        )?),
         _ => None,
     };
     Ok(Some(BypassConfig {
@@ -303,6 +325,7 @@ fn resolve_afxdp(
     iface: &str,
     n_queues: u32,
     fifo_priority: Option<i32>,
+    tcp_listeners: Vec<(SocketAddr, Protocol)>,
 ) -> Result<AfxdpConfig> {
     let queues: Vec<u32> = match &args.queues {
         Some(list) => list.0.iter().map(|q| q.0 as u32).collect(),
@@ -328,7 +351,27 @@ fn resolve_afxdp(
         batch: u32::from(args.batch),
         fifo_priority,
     };
-    Ok(AfxdpConfig { queues, socket })
+    let tcp = TcpSettings {
+        max_conns: args.tcp_max_conns,
+        idle_timeout_secs: args.tcp_idle_timeout.as_secs() as u32,
+    };
+    Ok(AfxdpConfig {
+        queues,
+        socket,
+        tcp_listeners,
+        tcp,
+    })
+}
+
+/// The listeners of one transport, with their protocols.
+fn listeners_of(
+    args: &ServeArgs,
+    pick: impl Fn(&Transport) -> Option<SocketAddr>,
+) -> Vec<(SocketAddr, Protocol)> {
+    args.listen
+        .iter()
+        .filter_map(|spec| Some((pick(&spec.transport)?, spec.protocol)))
+        .collect()
 }
 
 /// Where each kind of worker runs and which ones run under SCHED_FIFO.

@@ -105,6 +105,8 @@ impl Datapaths {
             let plan = AfxdpPlan {
                 params: &afxdp.socket,
                 listeners: &bypass.udp_listeners,
+                tcp_listeners: &afxdp.tcp_listeners,
+                tcp: afxdp.tcp,
                 queues: &afxdp.queues,
                 cpus: &config.cpus,
                 xdp_mode: bypass.xdp_mode,

@@ -12,7 +12,8 @@ use crate::core::Protocol;
 #[repr(C)]
 pub struct ListenerKey {
     pub family: u8,
-    pub pad: u8,
+    /// The IP protocol number of the listener's transport: 17 (UDP) or 6 (TCP).
+    pub transport: u8,
     /// Network byte order.
     pub port_be: u16,
     pub addr: [u8; 16],
@@ -35,6 +36,15 @@ unsafe impl aya::Pod for ListenerValue {}
 impl ListenerKey {
     /// The key for a UDP listener; an unspecified address (0.0.0.0 or ::) is the wildcard.
     pub fn new(addr: SocketAddr) -> ListenerKey {
+        ListenerKey::with_transport(addr, TRANSPORT_UDP)
+    }
+
+    /// The key for a TCP listener (steered to TCP-lite in afxdp mode).
+    pub fn tcp(addr: SocketAddr) -> ListenerKey {
+        ListenerKey::with_transport(addr, TRANSPORT_TCP)
+    }
+
+    fn with_transport(addr: SocketAddr, transport: u8) -> ListenerKey {
         let mut bytes = [0u8; 16];
         let family = match addr.ip() {
             IpAddr::V4(v4) => {
@@ -48,12 +58,16 @@ impl ListenerKey {
         };
         ListenerKey {
             family,
-            pad: 0,
+            transport,
             port_be: addr.port().to_be(),
             addr: bytes,
         }
     }
 }
+
+/// `listener_key.transport` of a UDP and a TCP listener (their IP protocol numbers).
+pub const TRANSPORT_UDP: u8 = 17;
+pub const TRANSPORT_TCP: u8 = 6;
 
 /// The protocol number the XDP program uses (`PROTO_*` in ricochet.h).
 pub const fn protocol_id(protocol: Protocol) -> u8 {
@@ -218,8 +232,10 @@ mod test {
 
     #[test]
     fn key_layout_matches_the_header() {
-        // struct listener_key { u8 family; u8 pad; be16 port; u8 addr[16]; } = 20 bytes.
-        assert!(HEADER.contains("__u8 family;\n\t__u8 pad;\n\t__be16 port;\n\t__u8 addr[16];"));
+        // struct listener_key { u8 family; u8 transport; be16 port; u8 addr[16]; } = 20 bytes.
+        assert!(
+            HEADER.contains("__u8 family;\n\t__u8 transport;\n\t__be16 port;\n\t__u8 addr[16];")
+        );
         assert_eq!(std::mem::size_of::<ListenerKey>(), 20);
         assert_eq!(std::mem::size_of::<ListenerValue>(), 4);
         let key = ListenerKey::new("198.18.0.1:7777".parse().unwrap());

@@ -178,6 +178,18 @@ impl XdpProgram {
         Ok(())
     }
 
+    /// Adds TCP listeners to the table: the steering program sends their segments to the AF_XDP
+    /// workers' TCP-lite (afxdp mode).
+    pub fn add_tcp_listeners(&mut self, listeners: &[(SocketAddr, Protocol)]) -> Result<()> {
+        let mut map: HashMap<&mut MapData, ListenerKey, ListenerValue> =
+            HashMap::try_from(self.ebpf.map_mut("listeners").context("no listeners map")?)?;
+        for (addr, protocol) in listeners {
+            map.insert(ListenerKey::tcp(*addr), ListenerValue::new(*protocol), 0)
+                .with_context(|| format!("cannot add TCP listener {addr} to the XDP program"))?;
+        }
+        Ok(())
+    }
+
     fn program(&mut self) -> &mut Xdp {
         self.ebpf
             .program_mut(self.kind.name())
