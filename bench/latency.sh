@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # bench/latency.sh: the main job. On a fresh machine, as root: installs what is missing, builds ricochet,
 # brings up the veth lab, and for each datapath (kernel block, kernel spin, afxdp, xdp) runs the same
-# ricochet bench ping-pong and throughput runs, a fixed-rate run for machine CPU per request, and
-# sockperf's client; sockperf's own server runs as the peer reference. Ping-pong uses the sockperf
+# ricochet bench ping-pong and throughput runs over UDP and over TCP, a fixed-rate run for machine CPU per
+# request, and sockperf's client; sockperf's own server runs as the peer reference. Ping-pong uses the sockperf
 # protocol everywhere, so every server answers the same messages. The lab is torn down on exit, also on
 # failure or Ctrl-C. Writes bench/results/<date>/ (results.md, latency.svg, every run's JSON, .hgrm and
 # raw output, commands.txt) and prints the table. Fails if any mode lost or mis-answered a request.
@@ -111,7 +111,8 @@ cpu_run() { # cpu_run NAME
     echo "{\"wall_ns\": $((wall1 - wall0)), \"idle_jiffies\": $((idle1 - idle0)), \"clk_tck\": $(getconf CLK_TCK), \"cpus\": $NCPU, \"rate\": $CPU_RATE, \"bench\": \"$1.json\"}" >"$RUNS/$1.cpu.json"
 }
 
-listeners=(--listen "udp://$ADDR:7777" --listen "sockperf+udp://$ADDR:11111" --cpus "$SERVER_CPU" --http off)
+listeners=(--listen "udp://$ADDR:7777" --listen "sockperf+udp://$ADDR:11111" --listen "tcp://$ADDR:7777"
+    --listen "sockperf+tcp://$ADDR:11112" --cpus "$SERVER_CPU" --http off)
 run_mode() { # run_mode MODE
     local mode="$1" args=()
     case "$mode" in
@@ -137,6 +138,11 @@ run_mode() { # run_mode MODE
         record throughput "$mode" "throughput-$tag.json"
         cpu_run "cpu-$tag"
         record cpu "$mode" "cpu-$tag.cpu.json"
+        # The same over TCP: the kernel's TCP stack, or TCP-lite in afxdp mode.
+        bench "pingpong-tcp-$tag" "sockperf+tcp://$ADDR:11112" --duration "${DURATION}s" --warmup 300ms --spin
+        record pingpong-tcp "$mode" "pingpong-tcp-$tag.json"
+        bench "throughput-tcp-$tag" "tcp://$ADDR:7777" --duration "${DURATION}s" --warmup 300ms -c 16 -d 16 --timeout 2s
+        record throughput-tcp "$mode" "throughput-tcp-$tag.json"
     fi
     stop_server
 }

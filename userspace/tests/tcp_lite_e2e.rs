@@ -194,7 +194,8 @@ fn afxdp_answers_real_tcp_clients_without_the_kernel_stack() {
     let (ok, output) = server.terminate();
     assert!(ok, "{output}");
     assert_eq!(final_counter(&output), base + 18);
-    assert!(total_field(&output, "tcp_handshakes") >= 2000 + 8 + 1);
+    // 2,000 Rust clients, 8 bench connections, Python and sockperf (the loopback one is the kernel's).
+    assert!(total_field(&output, "tcp_handshakes") >= 2010, "{output}");
     assert_eq!(total_field(&output, "tcp_cookie_failures"), 0);
 }
 

@@ -188,6 +188,9 @@ pub struct Summary {
     pub pingpong: BTreeMap<String, Run>,
     pub sockperf: BTreeMap<String, Run>,
     pub throughput: BTreeMap<String, Run>,
+    /// The same ping-pong and closed-loop runs over TCP (TCP-lite in afxdp mode).
+    pub pingpong_tcp: BTreeMap<String, Run>,
+    pub throughput_tcp: BTreeMap<String, Run>,
     pub cpu_us: BTreeMap<String, f64>,
     /// Runs that lost or mis-answered requests: "mode kind: details".
     pub failures: Vec<String>,
@@ -210,7 +213,9 @@ pub fn summarize(dir: &Path) -> Result<Summary> {
         let e: Entry =
             serde_json::from_str(line).with_context(|| format!("bad index line {line}"))?;
         let run = match e.kind.as_str() {
-            "pingpong" | "throughput" => bench_run(&runs.join(&e.file))?,
+            "pingpong" | "throughput" | "pingpong-tcp" | "throughput-tcp" => {
+                bench_run(&runs.join(&e.file))?
+            }
             "sockperf" => sockperf_run(&std::fs::read_to_string(runs.join(&e.file))?)?,
             "cpu" => {
                 let (per_request, run) = cpu_per_request(&runs, &e.file)?;
@@ -239,6 +244,8 @@ pub fn summarize(dir: &Path) -> Result<Summary> {
         match kind.as_str() {
             "pingpong" => s.pingpong.insert(mode, m),
             "sockperf" => s.sockperf.insert(mode, m),
+            "pingpong-tcp" => s.pingpong_tcp.insert(mode, m),
+            "throughput-tcp" => s.throughput_tcp.insert(mode, m),
             _ => s.throughput.insert(mode, m),
         };
     }
@@ -322,6 +329,13 @@ pub fn render(s: &Summary, commands: &str) -> String {
     }
     let _ = writeln!(
         t,
+        "\n## Over TCP\n\nThe same server, clients and runs over TCP: the kernel's TCP stack in kernel and xdp mode, TCP-lite in afxdp \
+         mode.\n\n### Ping-pong, ricochet's bench client (spinning)\n\n{}\n### Closed loop\n\n{}",
+        latency_table(&s.pingpong_tcp),
+        throughput_table(&s.throughput_tcp)
+    );
+    let _ = writeln!(
+        t,
         "\n## Check\n\n{}\n",
         if s.failures.is_empty() {
             "Every mode answered every request: no run lost or mis-answered one.".to_string()
@@ -337,6 +351,27 @@ pub fn render(s: &Summary, commands: &str) -> String {
         "![latency percentile distribution](latency.svg)\n\n## Commands\n\n```\n{}\n```",
         commands.trim_end()
     );
+    t
+}
+
+/// Closed-loop replies per second by mode, with the ratio to kernel block.
+fn throughput_table(runs: &BTreeMap<String, Run>) -> String {
+    let mut t = String::from(
+        "| mode | closed-loop replies/s | p50 µs | p99 µs | lost | replies/s / kernel block |\n|---|---|---|---|---|---|\n",
+    );
+    let block = runs.get("kernel-block").map(|r| r.rps);
+    for mode in MODES {
+        let Some(r) = runs.get(mode) else { continue };
+        let _ = writeln!(
+            t,
+            "| {mode} | {:.0} | {:.1} | {:.1} | {} | {} |",
+            r.rps,
+            r.p50,
+            r.p99,
+            r.lost,
+            ratio(r.rps, block)
+        );
+    }
     t
 }
 
