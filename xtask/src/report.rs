@@ -327,13 +327,7 @@ pub fn render(s: &Summary, commands: &str) -> String {
             r.rps, r.p50, r.p99, r.lost
         );
     }
-    let _ = writeln!(
-        t,
-        "\n## Over TCP\n\nThe same server, clients and runs over TCP: the kernel's TCP stack in kernel and xdp mode, TCP-lite in afxdp \
-         mode.\n\n### Ping-pong, ricochet's bench client (spinning)\n\n{}\n### Closed loop\n\n{}",
-        latency_table(&s.pingpong_tcp),
-        throughput_table(&s.throughput_tcp)
-    );
+    t.push_str(&tcp_section(s));
     let _ = writeln!(
         t,
         "\n## Check\n\n{}\n",
@@ -352,6 +346,16 @@ pub fn render(s: &Summary, commands: &str) -> String {
         commands.trim_end()
     );
     t
+}
+
+/// The ping-pong and closed-loop runs over TCP.
+fn tcp_section(s: &Summary) -> String {
+    format!(
+        "\n## Over TCP\n\nThe same server, clients and runs over TCP: the kernel's TCP stack in kernel and xdp mode, TCP-lite in afxdp \
+         mode.\n\n### Ping-pong, ricochet's bench client (spinning)\n\n{}\n### Closed loop\n\n{}\n",
+        latency_table(&s.pingpong_tcp),
+        throughput_table(&s.throughput_tcp)
+    )
 }
 
 /// Closed-loop replies per second by mode, with the ratio to kernel block.
