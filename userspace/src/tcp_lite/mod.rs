@@ -280,5 +280,21 @@ fn reset(ack: u32) -> Outgoing<'static> {
     }
 }
 
+/// The lab's flow from 198.18.0.2:`port` to 198.18.0.1:7777, for the unit tests.
+#[cfg(test)]
+fn lab_flow(port: u16) -> Flow {
+    let mut client = [0u8; 16];
+    client[..4].copy_from_slice(&[198, 18, 0, 2]);
+    let mut server = [0u8; 16];
+    server[..4].copy_from_slice(&[198, 18, 0, 1]);
+    Flow {
+        client,
+        server,
+        client_port: port,
+        server_port: 7777,
+        ipv6: false,
+    }
+}
+
 #[cfg(test)]
 mod test;

@@ -39,17 +39,7 @@ struct Client {
 }
 
 fn flow(port: u16) -> Flow {
-    let mut client = [0u8; 16];
-    client[..4].copy_from_slice(&[198, 18, 0, 2]);
-    let mut server = [0u8; 16];
-    server[..4].copy_from_slice(&[198, 18, 0, 1]);
-    Flow {
-        client,
-        server,
-        client_port: port,
-        server_port: 7777,
-        ipv6: false,
-    }
+    lab_flow(port)
 }
 
 fn frame(value: u64) -> [u8; 16] {
