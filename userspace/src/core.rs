@@ -315,6 +315,11 @@ impl StreamDecoder {
         self.carry_len as usize + self.passthrough as usize
     }
 
+    /// Bytes of a partial frame (or sockperf header) held: the next read's replies may answer them.
+    pub fn carried(&self) -> usize {
+        self.carry_len as usize
+    }
+
     /// Processes one read. `out` must hold at least `input.len() + 16` bytes. Complete counter frames
     /// are answered as one batch with one atomic add; frames split across reads of any size work.
     pub fn feed(

@@ -110,7 +110,7 @@ pub fn start(
         let context = WorkerContext {
             params: plan.params.clone(),
             queue,
-            engine: FrameEngine::new(listeners.clone(), limits, cookies.clone(), epoch),
+            engine: FrameEngine::new(listeners.clone(), limits, cookies.for_worker(queue), epoch),
             stats: Arc::new(WorkerStats::default()),
             counter: counter.clone(),
             stop: stop.clone(),

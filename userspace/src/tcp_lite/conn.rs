@@ -60,6 +60,8 @@ pub enum Step {
     Quiet,
     /// Reset the connection: send RST and forget it.
     Reset,
+    /// Send the connection's segment, then forget it (the exchange ended with this segment).
+    AnswerThenForget,
     /// The exchange is over: forget the connection without a word.
     Forget,
 }
@@ -86,9 +88,13 @@ impl Conn {
         }
     }
 
-    /// The receive window: how many more request bytes fit, their replies included.
+    /// The receive window: how many more request bytes fit, their replies included. The reply
+    /// buffer counts at most one client MSS, so every reply waiting fits in one segment: a segment
+    /// that is lost is always followed by one that carries its bytes again. Bytes carried in the
+    /// decoder are subtracted, so answering them never moves the window's right edge back.
     pub fn window(&self) -> usize {
-        OUT_CAP.saturating_sub(SLACK + usize::from(self.out_len))
+        let cap = OUT_CAP.min(usize::from(self.mss));
+        cap.saturating_sub(SLACK + usize::from(self.out_len) + self.decoder.carried())
     }
 
     /// Sequence numbers the server has sent and the client not yet acknowledged (FIN included).
@@ -226,6 +232,11 @@ impl Conn {
                 // The stream ended mid-frame, as the kernel path counts it.
                 stats.requests.add(1);
                 stats.count_drop(DropReason::WrongLength);
+            }
+            if self.fin_acked {
+                // The server closed first (an invalid frame) and its FIN is acknowledged: this
+                // ACK of the client's FIN is the last segment of the connection.
+                return Step::AnswerThenForget;
             }
         }
         Step::Answer

@@ -20,8 +20,8 @@ pub const MSS_TABLE: [u16; 8] = [256, 512, 528, 1024, 1216, 1440, 1456, 3008];
 /// Seconds per cookie time slot.
 const SLOT_SECONDS: u32 = 64;
 
-/// The cookie secret of one datapath (every worker shares it, so a flow's third ACK checks out on
-/// any queue).
+/// A cookie secret: the datapath draws one at start, and each worker uses its own derivation
+/// ([`Cookies::for_worker`]), because each keeps its own connections.
 #[derive(Clone)]
 pub struct Cookies {
     k0: u64,
@@ -46,6 +46,18 @@ impl Cookies {
         Cookies {
             k0: u64::from_le_bytes(k0.try_into().expect("8 bytes")),
             k1: u64::from_le_bytes(k1.try_into().expect("8 bytes")),
+        }
+    }
+
+    /// The secret of one worker: its own, derived from the datapath's, so a cookie made by one
+    /// worker never checks out on another. A flow that moves to another queue is then refused,
+    /// never fed to the core a second time by a worker that has no record of it.
+    pub fn for_worker(&self, worker: u32) -> Cookies {
+        let mut h = SipHasher13::new_with_keys(self.k0, self.k1);
+        h.write_u32(worker);
+        Cookies {
+            k0: self.k0 ^ h.finish(),
+            k1: self.k1,
         }
     }
 
@@ -115,6 +127,11 @@ mod test {
         );
         // The same SYN again gets the same cookie (a retransmitted SYN is answered alike).
         assert_eq!(jar.make(&flow(40000), 1000, 100, 6), cookie);
+        // Each worker has its own secret: a flow that moves to another worker is refused.
+        let (w0, w1) = (jar.for_worker(0), jar.for_worker(1));
+        let cookie = w0.make(&flow(40000), 1000, 100, 6);
+        assert_eq!(w0.check(&flow(40000), 1000, cookie, 100), Some(6));
+        assert_eq!(w1.check(&flow(40000), 1000, cookie, 100), None);
     }
 
     #[test]

@@ -18,8 +18,9 @@
 //! - FIN is acknowledged and answered with FIN after the last reply; RST (at the expected sequence
 //!   number) forgets the connection, an RST or SYN elsewhere in the window gets a challenge ACK
 //!   (RFC 5961). An invalid frame: the replies before it, then FIN; more data is reset.
-//! - Data for no connection whose cookie fails (no handshake, or a forgotten connection) is never
-//!   answered and never reaches the core.
+//! - Data for no connection whose cookie fails (no handshake, a forgotten connection, or a flow that
+//!   moved to another worker, whose cookie secret differs) never reaches the core and is answered
+//!   with RST, as Linux answers a segment for a closed port.
 //! - At most `max_conns` connections: a handshake beyond that is refused with RST and counted;
 //!   connections silent for `idle_timeout` seconds are forgotten by [`TcpLite::expire`].
 
@@ -158,8 +159,12 @@ impl TcpLite {
         let client_isn = seg.seq.wrapping_sub(1);
         let cookie = seg.ack.wrapping_sub(1);
         let Some(index) = self.cookies.check(&seg.flow, client_isn, cookie, now) else {
+            // No handshake, a forgotten connection, or a flow that moved to another worker: the
+            // segment never reaches the core, and RST tells the client at once (as Linux does for
+            // a segment to a closed port) instead of letting it retransmit for minutes.
             stats.tcp.cookie_failures.add(1);
-            return None;
+            stats.tcp.resets_sent.add(1);
+            return Some(reset(seg.ack));
         };
         if self.index.len() >= self.limits.max_conns {
             stats.tcp.table_full.add(1);
@@ -237,6 +242,12 @@ impl TcpLite {
                 self.forget(seg.flow, slot, stats);
                 stats.tcp.resets_sent.add(1);
                 Some(reset(seg.ack))
+            }
+            Step::AnswerThenForget => {
+                // The slot goes to the free list, but it is not reused before the next segment,
+                // so the answer may still be built from it.
+                self.forget(seg.flow, slot, stats);
+                Some(self.conns[slot as usize].segment())
             }
         }
     }

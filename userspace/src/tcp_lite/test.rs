@@ -144,10 +144,13 @@ fn a_handshake_leaves_no_state_until_the_cookie_comes_back() {
         Some(syn_ack.clone())
     );
     assert!(lab.tcp.is_empty());
-    // A third ACK with a wrong cookie: never answered, counted.
+    // A third ACK with a wrong cookie: refused with RST, counted, no state.
+    let refused = lab
+        .send(flow, 5001, syn_ack.seq.wrapping_add(2), ACK, 64240, &[])
+        .unwrap();
     assert_eq!(
-        lab.send(flow, 5001, syn_ack.seq.wrapping_add(2), ACK, 64240, &[]),
-        None
+        (refused.flags, refused.seq),
+        (RST, syn_ack.seq.wrapping_add(2))
     );
     assert_eq!(lab.stats.tcp.cookie_failures.get(), 1);
     assert!(lab.tcp.is_empty());
@@ -384,11 +387,12 @@ fn rst_forgets_only_at_the_expected_sequence_number() {
     assert_eq!((challenge.flags & (SYN | ACK), challenge.ack), (ACK, c.seq));
     assert_eq!(lab.send(c.flow, c.seq, 0, RST, 0, &[]), None);
     assert!(lab.tcp.is_empty());
-    // Data on the forgotten flow: never answered, never counted.
-    assert_eq!(
-        lab.send(c.flow, c.seq, c.ack, ACK | PSH, c.window, &frame(1)),
-        None
-    );
+    // Data on the forgotten flow: never reaches the core; RST tells the client.
+    let refused = lab
+        .send(c.flow, c.seq, c.ack, ACK | PSH, c.window, &frame(1))
+        .unwrap();
+    assert_eq!(refused.flags, RST);
+    assert!(refused.payload.is_empty());
     assert_eq!(lab.stats.requests.get(), 1);
     assert_eq!(lab.stats.tcp.cookie_failures.get(), 1);
 }
@@ -453,4 +457,62 @@ fn idle_connections_are_forgotten() {
     assert_eq!(lab.tcp.len(), 1, "only the silent one goes");
     assert_eq!(lab.stats.tcp.idle_closed.get(), 1);
     assert_eq!(lab.stats.conns_closed.get(), 1);
+}
+
+#[test]
+fn a_connection_the_server_closed_is_forgotten_after_the_clients_fin() {
+    let mut lab = Lab::new();
+    let mut c = lab.connect(40000);
+    let mut bad = frame(9);
+    bad[15] ^= 1;
+    let closing = lab.request(&mut c, &bad).unwrap();
+    assert_eq!(closing.flags & FIN, FIN);
+    // The client acknowledges the server's FIN, then sends its own (Linux may join the two).
+    let fin_acked = closing.seq.wrapping_add(1);
+    assert_eq!(lab.send(c.flow, c.seq, fin_acked, ACK, c.window, &[]), None);
+    let last = lab
+        .send(c.flow, c.seq, fin_acked, ACK | FIN, c.window, &[])
+        .unwrap();
+    assert_eq!((last.flags, last.ack), (ACK, c.seq + 1));
+    assert!(
+        lab.tcp.is_empty(),
+        "forgotten at once, not after the idle timeout"
+    );
+    assert_eq!(lab.stats.conns_closed.get(), 1);
+}
+
+#[test]
+fn the_window_never_exceeds_one_client_segment_nor_shrinks() {
+    let mut lab = Lab::new();
+    let flow = flow(40000);
+    let syn = Segment {
+        flow,
+        seq: 1,
+        ack: 0,
+        flags: SYN,
+        window: 65535,
+        mss: Some(536),
+        payload: &[],
+    };
+    let counter = LocalCounter::new(0);
+    let syn_ack = lab
+        .tcp
+        .on_segment(&syn, Protocol::Counter, lab.now, &lab.stats, &counter)
+        .unwrap();
+    assert_eq!(syn_ack.mss, Some(528));
+    let cookie = syn_ack.seq;
+    let mut c = Client {
+        flow,
+        seq: 2,
+        ack: cookie.wrapping_add(1),
+        window: 65535,
+    };
+    // Every reply waiting fits in one of the client's segments.
+    let first = lab.request(&mut c, &frame(1)[..8]).unwrap();
+    assert_eq!(usize::from(first.window), 528 - 16 - 8);
+    // The right edge stays put while the carried half frame is answered.
+    let edge = |s: &Sent| s.ack.wrapping_add(u32::from(s.window));
+    let second = lab.request(&mut c, &frame(1)[8..]).unwrap();
+    assert_eq!(edge(&second), edge(&first));
+    assert_eq!(second.payload.len(), 16);
 }
