@@ -938,7 +938,12 @@ impl Drop for Browser {
 
 #[test]
 fn dashboard_shows_the_counter_changing_in_headless_chromium() {
-    let server = Server::start(&["--listen", "udp://127.0.0.1:0"]);
+    let server = Server::start(&[
+        "--listen",
+        "udp://127.0.0.1:0",
+        "--listen",
+        "tcp://127.0.0.1:0",
+    ]);
     let addr = http_addr(&server);
     let Some(browser) = Browser::start("counter") else {
         return;
@@ -955,6 +960,12 @@ fn dashboard_shows_the_counter_changing_in_headless_chromium() {
         udp.recv(&mut buf).unwrap();
     }
     browser.wait_for_text("#counter", "42", |t| t == "42");
+    // An open TCP connection shows in the connections panel.
+    browser.wait_for_text("#conns-open", "0", |t| t == "0");
+    let tcp = std::net::TcpStream::connect(server.addr("counter+tcp")).unwrap();
+    browser.wait_for_text("#conns-open", "1", |t| t == "1");
+    drop(tcp);
+    browser.wait_for_text("#conns-open", "0 again", |t| t == "0");
     // Without --state-dir, /summary answers 404: "Last hour" says what it needs, and draws nothing.
     browser.wait_for_text("#hour-note", "a note naming --state-dir", |t| {
         t.contains("--state-dir")
