@@ -29,6 +29,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("http", http),
     ("profile", profile),
     ("spec", spec),
+    ("tcp_lite", tcp_lite),
 ];
 
 const PROTOCOLS: [Protocol; 3] = [Protocol::Counter, Protocol::Echo, Protocol::Sockperf];
@@ -363,4 +364,73 @@ fn needs_name_lookup(text: &str) -> bool {
     matches!(transport, "udp" | "tcp")
         && addr.parse::<std::net::SocketAddr>().is_err()
         && addr.contains(':')
+}
+
+/// TCP-lite's state machine on arbitrary segment sequences. Each segment is 13 bytes of header
+/// (client port, flags, a "complete the handshake" bit, seq, ack, window, payload length) and its
+/// payload; with the bit set the segment first gets a SYN-ACK and then acknowledges its cookie, so
+/// the fuzzer reaches established connections. Invariants: no panic, the table never exceeds its
+/// limit, a segment sent never carries more than 1,024 bytes or the largest MSS, a SYN-ACK offers
+/// an MSS of the table, and the core never answers more requests than it was given.
+pub fn tcp_lite(data: &[u8]) {
+    use crate::tcp_lite::{cookie, Cookies, Flow, Segment, TcpLimits, TcpLite, ACK, SYN};
+    let limits = TcpLimits {
+        max_conns: 3,
+        idle_timeout: 5,
+        max_mss: 1456,
+    };
+    let mut tcp = TcpLite::new(limits, Cookies::new([3; 16]));
+    let (stats, counter) = (WorkerStats::default(), LocalCounter::new(0));
+    let mut rest = data;
+    let mut now = 0u32;
+    while let [port, flags, control, header @ ..] = rest {
+        let Some((fields, tail)) = header.split_first_chunk::<10>() else {
+            break;
+        };
+        let len = usize::from(fields[9]).min(tail.len());
+        let (payload, tail) = tail.split_at(len);
+        rest = tail;
+        let mut flow = Flow {
+            client: [0; 16],
+            server: [0; 16],
+            client_port: u16::from(*port % 4),
+            server_port: 7777,
+            ipv6: false,
+        };
+        flow.client[0] = 198;
+        let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        let mut seg = Segment {
+            flow,
+            seq: be32(&fields[0..4]),
+            ack: be32(&fields[4..8]),
+            flags: *flags,
+            window: u16::from(fields[8]) << 4,
+            mss: Some(u16::from(fields[8]) << 3),
+            payload,
+        };
+        now += u32::from(*control >> 4);
+        if control & 1 != 0 {
+            let syn = Segment {
+                flags: SYN,
+                payload: &[],
+                ..seg
+            };
+            let syn_ack = tcp.on_segment(&syn, Protocol::Counter, now, &stats, &counter);
+            let cookie = syn_ack.expect("a SYN is answered").seq;
+            seg.seq = seg.seq.wrapping_add(1);
+            seg.ack = cookie.wrapping_add(1);
+            seg.flags = (seg.flags | ACK) & !SYN;
+        }
+        let protocol = PROTOCOLS[usize::from(control >> 1) % 3];
+        if let Some(out) = tcp.on_segment(&seg, protocol, now, &stats, &counter) {
+            assert!(out.payload.len() <= 1024 && out.payload.len() <= usize::from(limits.max_mss));
+            assert!(out.mss.is_none_or(|m| cookie::MSS_TABLE.contains(&m)));
+        }
+        if control & 8 != 0 {
+            tcp.expire(now, &stats);
+        }
+        assert!(tcp.len() <= limits.max_conns);
+        let s = stats.snapshot();
+        assert!(s.replies <= s.requests, "more replies than requests: {s:?}");
+    }
 }
