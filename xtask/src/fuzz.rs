@@ -184,6 +184,6 @@ mod test {
     #[test]
     fn the_targets_are_the_files_in_fuzz_targets() {
         let known = known_targets(&workspace_root().join("fuzz")).unwrap();
-        assert_eq!(known, args("frame http profile spec wire"));
+        assert_eq!(known, args("frame http profile spec tcp_lite wire"));
     }
 }
