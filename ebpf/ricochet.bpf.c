@@ -4,7 +4,9 @@
  * ricochet_steer (afxdp mode): frames for a UDP listener, and TCP segments for a TCP listener (the
  *   workers run TCP-lite), go to the AF_XDP socket of their RX queue.
  * ricochet_respond (xdp mode): frames for a UDP listener are verified, counted and answered here,
- *   with XDP_TX; the counter lives in a BPF_F_MMAPABLE array that userspace maps and shares.
+ *   with XDP_TX; the counter lives in a BPF_F_MMAPABLE array that userspace maps and shares. Segments
+ *   for a TCP listener are answered here too, by TCP-lite (tcp_lite.h).
+ * ricochet_tcp_expire (xdp mode): run by userspace once a second, forgets idle TCP-lite connections.
  *
  * Both listener programs parse Ethernet (up to two VLAN tags), IPv4 without options and IPv6 without
  * extension headers, then UDP; everything else goes to the kernel untouched. A frame for a listener
@@ -61,10 +63,11 @@ struct {
 	__type(value, __u64);
 } xdp_stats SEC(".maps");
 
-/* A bounds-checked cursor over the frame. */
+/* A bounds-checked cursor over the frame; off is pos's offset from the frame's start. */
 struct cursor {
 	void *pos;
 	void *end;
+	__u32 off;
 };
 
 static __always_inline void count(__u32 stat)
@@ -87,6 +90,7 @@ static __always_inline int parse_eth(struct cursor *c)
 	if ((void *)(eth + 1) > c->end)
 		return -1;
 	c->pos = eth + 1;
+	c->off = sizeof(*eth);
 	__u16 proto = eth->h_proto;
 #pragma unroll
 	for (int i = 0; i < 2; i++) {
@@ -96,6 +100,7 @@ static __always_inline int parse_eth(struct cursor *c)
 		if ((void *)(vlan + 1) > c->end)
 			return -1;
 		c->pos = vlan + 1;
+		c->off += sizeof(*vlan);
 		proto = vlan->proto;
 	}
 	return proto;
@@ -346,10 +351,11 @@ static __always_inline __u64 decimal_xxh64(__u64 v)
 	return h;
 }
 
-/* The ones' complement sum (RFC 1071) of the UDP datagram at udp_offset in the frame, header and
- * payload, added to seed (the pseudo-header's sum), folded and inverted: the UDP checksum to store.
- * Returns 0 when the datagram does not lie within the frame or is longer than RESPONDER_MAX_UDP_LEN
- * (the caller has checked both; 0 is never a computed checksum).
+/* The ones' complement sum (RFC 1071) of the len bytes at offset l4_offset in the frame (a UDP
+ * datagram or TCP segment, header and payload), added to seed (the pseudo-header's sum), folded and
+ * inverted: the checksum to store. Returns 0 when the bytes do not lie within the frame or len is
+ * above RESPONDER_MAX_UDP_LEN (callers check both; 0 is never a computed checksum: a computed 0 is
+ * sent as its equal 0xffff, which UDP over IPv6 requires and TCP accepts).
  *
  * A global function: the verifier checks it once, on its own, rather than once per path that reaches
  * it (each VLAN depth and IP version is a path), which keeps a 1,024-iteration loop within the
@@ -359,21 +365,15 @@ static __always_inline __u64 decimal_xxh64(__u64 v)
  * and 1 bytes; an odd last byte is the high byte of a word padded with zero. The folded sum does not
  * depend on the word size, and stored in the order it was loaded in it is right on either endianness.
  */
-__attribute__((noinline)) int udp_checksum(struct xdp_md *ctx, __u32 udp_offset, __u64 seed)
+__attribute__((noinline)) int l4_checksum(struct xdp_md *ctx, __u32 l4_offset, __u32 len, __u64 seed)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	if (udp_offset > MAX_UDP_OFFSET)
-		return 0;
-	struct udphdr *udp = data + udp_offset;
-	if ((void *)(udp + 1) > data_end)
-		return 0;
-	__u32 udp_len = bpf_ntohs(udp->len);
-	if (udp_len > RESPONDER_MAX_UDP_LEN)
+	if (l4_offset > MAX_UDP_OFFSET || len > RESPONDER_MAX_UDP_LEN)
 		return 0;
 	__u64 sum = seed;
-	__u32 words = udp_len / 4;
-	__u32 *w = (void *)udp;
+	__u32 words = len / 4;
+	__u32 *w = data + l4_offset;
 	for (__u32 i = 0; i < RESPONDER_MAX_UDP_LEN / 4; i++) {
 		if (i >= words)
 			break;
@@ -386,13 +386,13 @@ __attribute__((noinline)) int udp_checksum(struct xdp_md *ctx, __u32 udp_offset,
 		w++;
 	}
 	__u8 *tail = (void *)w;
-	if (udp_len & 2) {
+	if (len & 2) {
 		if ((void *)(tail + 2) > data_end)
 			return 0;
 		sum += *(__u16 *)tail;
 		tail += 2;
 	}
-	if (udp_len & 1) {
+	if (len & 1) {
 		if ((void *)(tail + 1) > data_end)
 			return 0;
 		sum += bpf_htons((__u16)(*tail) << 8);
@@ -402,7 +402,6 @@ __attribute__((noinline)) int udp_checksum(struct xdp_md *ctx, __u32 udp_offset,
 	sum = (sum & 0xffff) + (sum >> 16);
 	sum = (sum & 0xffff) + (sum >> 16);
 	__u16 check = ~sum & 0xffff;
-	/* 0 means "no checksum" in UDP over IPv4 and is not allowed over IPv6: send its equal, 0xffff. */
 	return check ? check : 0xffff;
 }
 
@@ -439,11 +438,18 @@ static __always_inline void swap_bytes(__u8 *a, __u8 *b, int n)
 	}
 }
 
-static __always_inline int respond(struct xdp_md *ctx)
+#include "tcp_lite.h"
+
+/* A frame for a UDP listener, answered; -1 for any other frame. A global function: the verifier
+ * allows 512 bytes of stack along the deepest chain of calls, and this frame's stack is then not on
+ * TCP-lite's chain. */
+__attribute__((noinline)) int udp_respond(struct xdp_md *ctx)
 {
 	struct request req;
 	int action;
 	int stat = parse_request(ctx, &req, &action);
+	if (stat == STAT_PASSED)
+		return -1;
 	if (stat >= 0)
 		return verdict(stat, action);
 	/* The checksum below covers RESPONDER_MAX_UDP_LEN bytes at most: the kernel answers longer ones. */
@@ -495,7 +501,8 @@ static __always_inline int respond(struct xdp_md *ctx)
 	req.udp->dest = port;
 	req.udp->check = 0;
 	__u64 seed = pseudo_header_sum(&req, data_end);
-	req.udp->check = udp_checksum(ctx, (void *)req.udp - (void *)(long)ctx->data, seed);
+	__u32 udp_offset = (void *)req.udp - (void *)(long)ctx->data;
+	req.udp->check = l4_checksum(ctx, udp_offset, bpf_ntohs(req.udp->len), seed);
 	return verdict(STAT_TX, XDP_TX);
 }
 
@@ -508,7 +515,15 @@ int ricochet_steer(struct xdp_md *ctx)
 SEC("xdp")
 int ricochet_respond(struct xdp_md *ctx)
 {
-	return respond(ctx);
+	int action = udp_respond(ctx);
+	/* Not a UDP listener's: a TCP listener's (TCP-lite), or the kernel's. */
+	return action >= 0 ? action : tcp_respond(ctx);
+}
+
+SEC("xdp")
+int ricochet_tcp_expire(struct xdp_md *ctx)
+{
+	return tcp_expire();
 }
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";

@@ -40,7 +40,71 @@ enum xdp_stat {
 	STAT_DROP_BAD_HASH = 8,  /* counter frame whose hash does not match its value (responder only) */
 	STAT_DROP_ZERO_SOURCE_PORT = 9, /* UDP source port 0: no reply can be addressed to it */
 	STAT_PASSED_TOO_LONG = 10, /* longer than RESPONDER_MAX_UDP_LEN: passed to the kernel (responder only) */
-	STAT_COUNT = 11,
+	/* TCP-lite in the responder (xdp mode). */
+	STAT_TCP_REPLIES = 11,   /* requests answered over TCP (frames; an echo segment is one) */
+	STAT_TCP_SEGMENTS_TX = 12, /* segments sent with XDP_TX: SYN-ACKs, answers, ACKs and RSTs */
+	STAT_TCP_HANDSHAKES = 13, /* connections created by an ACK whose cookie checked out */
+	STAT_TCP_CLOSED = 14,    /* connections forgotten, for any reason */
+	STAT_TCP_COOKIE_FAILURES = 15, /* segments for no connection whose cookie failed: RST */
+	STAT_TCP_RETRANSMITTED = 16, /* data segments carrying bytes already received */
+	STAT_TCP_OUT_OF_ORDER = 17, /* data segments beyond the next expected byte: duplicate ACK */
+	STAT_TCP_RESETS_SENT = 18,
+	STAT_TCP_TABLE_FULL = 19, /* handshakes refused because the table is full */
+	STAT_TCP_IDLE_CLOSED = 20, /* connections forgotten after the idle timeout */
+	STAT_TCP_REJECTED = 21,  /* connections closed for an invalid frame */
+	STAT_COUNT = 22,
+};
+
+/* TCP-lite (xdp mode): the program's connection table, keyed by flow. */
+#define TCP_OUT_CAP 1024 /* reply bytes kept until acknowledged (a ring) */
+#define TCP_SLACK 16     /* room beyond the window: a frame completed now answers earlier bytes */
+
+/* A connection's addresses and ports as the client sends them, ports in host order; IPv4 addresses
+ * fill the first four bytes. The SYN cookie hashes these 40 bytes' first 37 (see tcp_cookie_hash). */
+struct tcp_flow {
+	__u8 client[16];
+	__u8 server[16];
+	__u16 client_port;
+	__u16 server_port;
+	__u8 ipv6;
+	__u8 pad[3];
+};
+
+/* Set by userspace at load: the cookie secret (SipHash key), the idle timeout and the largest MSS. */
+struct tcp_settings {
+	__u64 k0;
+	__u64 k1;
+	__u32 idle_timeout;
+	__u16 max_mss;
+	__u16 pad;
+};
+
+/* conn.state bits */
+#define TCP_PEER_FIN 1  /* the client sent FIN (counted in rcv_nxt) */
+#define TCP_OUR_FIN 2   /* the server closes: FIN follows the last reply byte */
+#define TCP_FIN_ACKED 4 /* the client acknowledged the server's FIN */
+#define TCP_REJECTED 8  /* an invalid frame arrived: FIN after the replies before it, RST to more data */
+
+/* One connection, the value of the tcp_conns hash map. The reply byte with sequence number s sits at
+ * out[(s - iss1) % TCP_OUT_CAP]. out holds twice TCP_OUT_CAP bytes so that the verifier can prove a
+ * copy of up to TCP_OUT_CAP bytes from any start index stays inside the value; only the first half
+ * is used. */
+struct tcp_conn {
+	__u32 rcv_nxt;     /* the next byte expected from the client */
+	__u32 snd_una;     /* the oldest reply byte not acknowledged */
+	__u32 snd_max;     /* the highest sequence number sent, plus one */
+	__u32 iss1;        /* the sequence number of reply byte 0 */
+	__u32 last_seen;   /* seconds of the program's clock (CLOCK_MONOTONIC_COARSE) */
+	__u32 passthrough; /* sockperf: message bytes still to reflect unchanged */
+	__u16 mss;         /* the client's MSS (the one the SYN-ACK offered) */
+	__u16 peer_window; /* the client's last advertised window */
+	__u16 out_len;     /* reply bytes not acknowledged */
+	__u8 protocol;
+	__u8 state;
+	__u8 carry_len;    /* bytes of a partial frame (or sockperf header) in carry */
+	__u8 pad[7];
+	__u8 carry[32];    /* 16 used; the rest lets the verifier prove variable-offset copies */
+	__u8 out[2 * TCP_OUT_CAP];
 };
 
 /* The longest UDP datagram (header included) the responder answers itself. Without multi-buffer

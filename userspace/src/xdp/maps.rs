@@ -105,10 +105,21 @@ pub enum XdpStat {
     DropBadHash = 8,
     DropZeroSourcePort = 9,
     PassedTooLong = 10,
+    TcpReplies = 11,
+    TcpSegmentsTx = 12,
+    TcpHandshakes = 13,
+    TcpClosed = 14,
+    TcpCookieFailures = 15,
+    TcpRetransmitted = 16,
+    TcpOutOfOrder = 17,
+    TcpResetsSent = 18,
+    TcpTableFull = 19,
+    TcpIdleClosed = 20,
+    TcpRejected = 21,
 }
 
 impl XdpStat {
-    pub const ALL: [XdpStat; 11] = [
+    pub const ALL: [XdpStat; 22] = [
         XdpStat::Steered,
         XdpStat::NoSocket,
         XdpStat::Passed,
@@ -120,6 +131,17 @@ impl XdpStat {
         XdpStat::DropBadHash,
         XdpStat::DropZeroSourcePort,
         XdpStat::PassedTooLong,
+        XdpStat::TcpReplies,
+        XdpStat::TcpSegmentsTx,
+        XdpStat::TcpHandshakes,
+        XdpStat::TcpClosed,
+        XdpStat::TcpCookieFailures,
+        XdpStat::TcpRetransmitted,
+        XdpStat::TcpOutOfOrder,
+        XdpStat::TcpResetsSent,
+        XdpStat::TcpTableFull,
+        XdpStat::TcpIdleClosed,
+        XdpStat::TcpRejected,
     ];
     pub const COUNT: usize = Self::ALL.len();
 
@@ -137,6 +159,17 @@ impl XdpStat {
             XdpStat::DropBadHash => "drop_bad_hash",
             XdpStat::DropZeroSourcePort => "drop_zero_source_port",
             XdpStat::PassedTooLong => "passed_too_long",
+            XdpStat::TcpReplies => "tcp_replies",
+            XdpStat::TcpSegmentsTx => "tcp_segments_tx",
+            XdpStat::TcpHandshakes => "tcp_handshakes",
+            XdpStat::TcpClosed => "tcp_closed",
+            XdpStat::TcpCookieFailures => "tcp_cookie_failures",
+            XdpStat::TcpRetransmitted => "tcp_retransmitted",
+            XdpStat::TcpOutOfOrder => "tcp_out_of_order",
+            XdpStat::TcpResetsSent => "tcp_resets_sent",
+            XdpStat::TcpTableFull => "tcp_table_full",
+            XdpStat::TcpIdleClosed => "tcp_idle_closed",
+            XdpStat::TcpRejected => "tcp_rejected",
         }
     }
 
@@ -150,14 +183,52 @@ impl XdpStat {
             XdpStat::DropFragment => Some(DropReason::Fragment),
             XdpStat::DropBadHash => Some(DropReason::BadHash),
             XdpStat::DropZeroSourcePort => Some(DropReason::ZeroSourcePort),
-            XdpStat::Steered
-            | XdpStat::NoSocket
-            | XdpStat::Passed
-            | XdpStat::Tx
-            | XdpStat::PassedTooLong => None,
+            _ => None,
         }
     }
 }
+
+/// `struct tcp_flow`: the key of the responder's TCP-lite connection table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct TcpFlowKey {
+    pub client: [u8; 16],
+    pub server: [u8; 16],
+    /// Host byte order.
+    pub client_port: u16,
+    pub server_port: u16,
+    pub ipv6: u8,
+    pub pad: [u8; 3],
+}
+
+/// `struct tcp_settings`: the cookie secret and the limits, set at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct TcpProgramSettings {
+    pub k0: u64,
+    pub k1: u64,
+    pub idle_timeout: u32,
+    pub max_mss: u16,
+    pub pad: u16,
+}
+
+/// `struct tcp_conn`, opaque: userspace only counts and deletes entries.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct TcpConnRecord(pub [u8; TCP_CONN_SIZE]);
+
+/// The size of `struct tcp_conn`: 40 bytes of state, a 32-byte carry and the reply ring.
+pub const TCP_CONN_SIZE: usize = 40 + 32 + 2 * TCP_OUT_CAP;
+/// `TCP_OUT_CAP` in ricochet.h: reply bytes a connection keeps until acknowledged.
+pub const TCP_OUT_CAP: usize = 1024;
+
+// SAFETY: repr(C) structs of integers and byte arrays with explicit padding: any byte pattern is a
+// valid value, and the kernel fills every byte.
+unsafe impl aya::Pod for TcpFlowKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for TcpProgramSettings {}
+// SAFETY: a byte array.
+unsafe impl aya::Pod for TcpConnRecord {}
 
 #[cfg(test)]
 mod test {
@@ -215,6 +286,46 @@ mod test {
             define("RESPONDER_MAX_UDP_LEN"),
             RESPONDER_MAX_UDP_LEN as u64
         );
+        assert_eq!(define("TCP_OUT_CAP"), TCP_OUT_CAP as u64);
+    }
+
+    #[test]
+    fn tcp_records_match_the_header() {
+        assert!(HEADER.contains(
+            "\t__u16 client_port;\n\t__u16 server_port;\n\t__u8 ipv6;\n\t__u8 pad[3];\n};"
+        ));
+        assert_eq!(std::mem::size_of::<TcpFlowKey>(), 40);
+        assert!(HEADER.contains("\t__u32 idle_timeout;\n\t__u16 max_mss;\n\t__u16 pad;\n};"));
+        assert_eq!(std::mem::size_of::<TcpProgramSettings>(), 24);
+        // struct tcp_conn: six u32, three u16, three u8, pad[7], carry[32], out[2 * cap].
+        let conn = &HEADER[HEADER.find("struct tcp_conn {").unwrap()..];
+        let conn = &conn[..conn.find("};").unwrap()];
+        let fields: Vec<&str> = conn
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.trim().split(';').next())
+            .filter(|f| !f.is_empty())
+            .collect();
+        let size: usize = fields
+            .iter()
+            .map(|f| {
+                let width = match f.split_whitespace().next().unwrap() {
+                    "__u32" => 4,
+                    "__u16" => 2,
+                    "__u8" => 1,
+                    other => panic!("unexpected type {other}"),
+                };
+                let count = match f.split_once('[') {
+                    Some((_, n)) => match n.trim_end_matches(']') {
+                        "2 * TCP_OUT_CAP" => 2 * TCP_OUT_CAP,
+                        n => n.parse().unwrap(),
+                    },
+                    None => 1,
+                };
+                width * count
+            })
+            .sum();
+        assert_eq!(size, TCP_CONN_SIZE);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 use std::process::Command;
 
 use anyhow::{anyhow, bail, Context, Result};
-use aya::maps::{HashMap, Map, MapData, PerCpuArray, XskMap};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, XskMap};
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::Ebpf;
 
@@ -19,7 +19,7 @@ use crate::core::Protocol;
 use crate::spec::XdpAttachMode;
 use crate::stats::DropReason;
 use counter::MappedCounter;
-use maps::{ListenerKey, ListenerValue, XdpStat};
+use maps::{ListenerKey, ListenerValue, TcpConnRecord, TcpFlowKey, TcpProgramSettings, XdpStat};
 
 /// The compiled programs, built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ricochet.bpf.o"));
@@ -89,23 +89,66 @@ fn explain_bpf_error(
     anyhow!(e).context(format!("{what}{hint}"))
 }
 
+/// TCP-lite in the responder program (xdp mode): its listeners, limits and cookie secret.
+#[derive(Debug, Clone)]
+pub struct ResponderTcp {
+    pub listeners: Vec<(SocketAddr, Protocol)>,
+    pub max_conns: u32,
+    pub idle_timeout_secs: u32,
+    /// The largest MSS the SYN-ACK offers (the interface's MTU less the IPv6 and TCP headers).
+    pub max_mss: u16,
+    /// The SipHash key of the SYN cookies (as `tcp_lite::Cookies::new` takes it).
+    pub secret: [u8; 16],
+}
+
+/// The program that forgets idle TCP-lite connections; userspace runs it once a second.
+const TCP_EXPIRE: &str = "ricochet_tcp_expire";
+
 impl XdpProgram {
     /// Loads one program into the kernel (verifier included) with its listeners configured.
     pub fn load(kind: ProgramKind, listeners: &[(SocketAddr, Protocol)]) -> Result<XdpProgram> {
-        let mut ebpf =
+        let ebpf =
             Ebpf::load(OBJECT).map_err(|e| explain_bpf_error(e, "cannot load the XDP programs"))?;
-        {
-            let prog: &mut Xdp = ebpf
-                .program_mut(kind.name())
-                .ok_or_else(|| anyhow!("the BPF object has no program {}", kind.name()))?
-                .try_into()?;
-            prog.load().map_err(|e| {
-                explain_bpf_error(
-                    e,
-                    &format!("the kernel rejected the XDP program {}", kind.name()),
-                )
-            })?;
-        }
+        XdpProgram::finish_load(ebpf, kind, listeners)
+    }
+
+    /// Loads the responder (xdp mode) with its UDP listeners and TCP-lite.
+    pub fn load_responder(
+        listeners: &[(SocketAddr, Protocol)],
+        tcp: &ResponderTcp,
+    ) -> Result<XdpProgram> {
+        let ebpf = aya::EbpfLoader::new()
+            .map_max_entries("tcp_conns", tcp.max_conns.max(1))
+            .load(OBJECT)
+            .map_err(|e| explain_bpf_error(e, "cannot load the XDP programs"))?;
+        let mut program = XdpProgram::finish_load(ebpf, ProgramKind::Respond, listeners)?;
+        load_program(&mut program.ebpf, TCP_EXPIRE)?;
+        program.add_tcp_listeners(&tcp.listeners)?;
+        let (k0, k1) = tcp.secret.split_at(8);
+        let settings = TcpProgramSettings {
+            k0: u64::from_le_bytes(k0.try_into().expect("8 bytes")),
+            k1: u64::from_le_bytes(k1.try_into().expect("8 bytes")),
+            idle_timeout: tcp.idle_timeout_secs,
+            max_mss: tcp.max_mss,
+            pad: 0,
+        };
+        let mut map: Array<&mut MapData, TcpProgramSettings> = Array::try_from(
+            program
+                .ebpf
+                .map_mut("tcp_settings")
+                .context("no tcp_settings map")?,
+        )?;
+        map.set(0, settings, 0)
+            .context("cannot configure TCP-lite in the XDP program")?;
+        Ok(program)
+    }
+
+    fn finish_load(
+        mut ebpf: Ebpf,
+        kind: ProgramKind,
+        listeners: &[(SocketAddr, Protocol)],
+    ) -> Result<XdpProgram> {
+        load_program(&mut ebpf, kind.name())?;
         let stats_map = ebpf
             .take_map("xdp_stats")
             .context("the BPF object has no xdp_stats map")?;
@@ -254,6 +297,32 @@ impl XdpProgram {
         Err(anyhow!(e)).with_context(|| format!("cannot attach XDP to {iface} in {mode:?} mode: the driver may not support it; try --xdp-mode generic or auto"))
     }
 
+    /// Forgets the TCP-lite connections idle for longer than the timeout (the responder's
+    /// `ricochet_tcp_expire`, run on an empty frame). The responder also forgets an idle connection
+    /// when its next segment comes; this frees the table for new ones.
+    pub fn expire_tcp(&self) -> Result<()> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(TCP_EXPIRE)
+            .context("the responder was loaded without TCP-lite")?
+            .try_into()?;
+        let frame = [0u8; 64];
+        let opts = TestRunOptions {
+            data_in: Some(&frame),
+            ..TestRunOptions::default()
+        };
+        prog.test_run(opts)
+            .context("cannot run the TCP-lite expiry program")?;
+        Ok(())
+    }
+
+    /// TCP-lite connections in the responder's table now.
+    pub fn tcp_connections(&self) -> Result<usize> {
+        let map: HashMap<&MapData, TcpFlowKey, TcpConnRecord> =
+            HashMap::try_from(self.ebpf.map("tcp_conns").context("no tcp_conns map")?)?;
+        Ok(map.keys().filter(|k| k.is_ok()).count())
+    }
+
     /// The AF_XDP socket table, indexed by RX queue.
     pub fn xsk_map(&mut self) -> Result<XskMap<&mut MapData>> {
         Ok(XskMap::try_from(
@@ -315,6 +384,16 @@ impl XdpProgram {
     }
 }
 
+/// Loads the program `name` of the object into the kernel.
+fn load_program(ebpf: &mut Ebpf, name: &str) -> Result<()> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("the BPF object has no program {name}"))?
+        .try_into()?;
+    prog.load()
+        .map_err(|e| explain_bpf_error(e, &format!("the kernel rejected the XDP program {name}")))
+}
+
 /// The value of a counter map pinned at `path` by an earlier run, or None if there is no pin.
 pub fn read_pinned_counter(path: &std::path::Path) -> Result<Option<u64>> {
     if !path.exists() {
@@ -334,7 +413,8 @@ fn in_kernel_totals(stats: &[u64; XdpStat::COUNT]) -> InKernelTotals {
         .iter()
         .filter_map(|s| s.drop_reason().map(|r| (r, stats[*s as usize])))
         .collect();
-    (stats[XdpStat::Tx as usize], drops)
+    let replies = stats[XdpStat::Tx as usize] + stats[XdpStat::TcpReplies as usize];
+    (replies, drops)
 }
 
 fn read_stats(array: &PerCpuArray<MapData, u64>) -> Result<[u64; XdpStat::COUNT]> {
