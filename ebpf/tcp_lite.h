@@ -65,6 +65,7 @@ struct tcp_seg {
 	__u8 flags;
 	__u8 protocol;
 	__u32 now; /* seconds of CLOCK_MONOTONIC_COARSE */
+	__u8 headers[96]; /* the frame's headers while tcp_room moves them */
 };
 
 struct {
@@ -584,14 +585,24 @@ static __always_inline int conn_receive(struct xdp_md *ctx, struct tcp_seg *seg,
 	return take_data(ctx, c, seg->payload_off + old, seg->payload_len - old, fin);
 }
 
-/* The segment a connection sends now (conn.rs segment). */
-static __always_inline void conn_segment(struct tcp_conn *c, struct tcp_out *o)
+/* Reply bytes the connection would send now: the client's MSS and window allow them (conn.rs
+ * segment). */
+static __always_inline __u32 conn_sendable(struct tcp_conn *c)
 {
 	__u32 n = c->out_len;
 	if (n > c->mss)
 		n = c->mss;
 	if (n > c->peer_window)
 		n = c->peer_window;
+	return n;
+}
+
+/* The segment a connection sends now, with at most `room` reply bytes (see tcp_room). */
+static __always_inline void conn_segment(struct tcp_conn *c, struct tcp_out *o, __u32 room)
+{
+	__u32 n = conn_sendable(c);
+	if (n > room)
+		n = room;
 	int fin = (c->state & TCP_OUR_FIN) && !(c->state & TCP_FIN_ACKED) && n == c->out_len;
 	o->flags = TCP_ACK | (n > 0 ? TCP_PSH : 0) | (fin ? TCP_FIN : 0);
 	__u32 end = c->snd_una + n + fin;
@@ -668,6 +679,39 @@ static __always_inline __u64 answer_ip(struct xdp_md *ctx, struct tcp_seg *seg, 
 	for (int i = 0; i < 8; i++)
 		sum += w[i];
 	return sum;
+}
+
+/* How far an answer may grow at the front: XDP guarantees 256 bytes of headroom, of which the kernel
+ * keeps about 40 for its xdp_frame on XDP_TX. */
+#define TCP_HEAD_GROWTH 192
+
+/* Makes room in the frame for an answer of `payload` bytes after headers of `options` bytes, and
+ * returns the payload it can carry: all of it when the frame has that room or can grow at its tail;
+ * otherwise it grows at the front by up to TCP_HEAD_GROWTH bytes, the headers moved along. (Native
+ * XDP on veth, for one, hands the program frames cut to the segment's size, with almost no
+ * tailroom.) A reply that does not fit goes with the connection's next answer. */
+__attribute__((noinline)) int tcp_room(struct xdp_md *ctx, struct tcp_seg *seg, __u32 payload,
+				       __u32 options)
+{
+	if (!seg || payload > TCP_OUT_CAP || options > 4)
+		return 0;
+	__u32 headers = seg->l4_off + sizeof(struct tcphdr);
+	if (headers < sizeof(struct tcphdr) || headers > sizeof(seg->headers))
+		return 0;
+	int len = ctx->data_end - ctx->data;
+	int want = headers + options + payload;
+	if (want <= len || bpf_xdp_adjust_tail(ctx, want - len) == 0)
+		return payload;
+	int grow = want - len;
+	if (grow > TCP_HEAD_GROWTH)
+		grow = TCP_HEAD_GROWTH;
+	int room = len - (int)(headers + options);
+	if (bpf_xdp_load_bytes(ctx, 0, seg->headers, headers) || bpf_xdp_adjust_head(ctx, -grow))
+		return room > 0 ? room : 0;
+	if (bpf_xdp_store_bytes(ctx, 0, seg->headers, headers))
+		return -1;
+	room += grow;
+	return room > 0 ? room : 0;
 }
 
 /* Turns the frame into the answer o, with the payload from c's ring: the frame is resized, the
@@ -775,6 +819,12 @@ static __always_inline int send_syn_ack(struct xdp_md *ctx, struct tcp_seg *seg)
 		.window = TCP_OUT_CAP - TCP_SLACK,
 		.mss = mss_of_index(index),
 	};
+	/* A SYN without options leaves no room for the MSS option only if the frame cannot grow by
+	 * four bytes at either end: the SYN-ACK then goes without it (the client assumes 536). */
+	if (tcp_room(ctx, seg, 0, 4) < 0)
+		return XDP_ABORTED;
+	if (ctx->data_end - ctx->data < seg->l4_off + sizeof(struct tcphdr) + 4)
+		o.mss = 0;
 	return tcp_emit(ctx, seg, &o, 0);
 }
 
@@ -806,6 +856,12 @@ __attribute__((noinline)) int tcp_established(struct xdp_md *ctx, struct tcp_seg
 		step = conn_receive(ctx, seg, c);
 	}
 	struct tcp_out o = {};
+	int room = 0;
+	if (step == STEP_ANSWER || step == STEP_ANSWER_THEN_FORGET) {
+		room = tcp_room(ctx, seg, conn_sendable(c), 0);
+		if (room < 0)
+			return XDP_ABORTED;
+	}
 	switch (step) {
 	case STEP_QUIET:
 		return XDP_DROP;
@@ -818,13 +874,13 @@ __attribute__((noinline)) int tcp_established(struct xdp_md *ctx, struct tcp_seg
 	case STEP_ANSWER_THEN_FORGET: {
 		/* The answer is built from the entry before it goes: a preallocated hash map may hand
 		 * a deleted element to another CPU's insert at once. */
-		conn_segment(c, &o);
+		conn_segment(c, &o, room);
 		int action = tcp_emit(ctx, seg, &o, c);
 		forget(&seg->flow);
 		return action;
 	}
 	default:
-		conn_segment(c, &o);
+		conn_segment(c, &o, room);
 		return tcp_emit(ctx, seg, &o, c);
 	}
 }

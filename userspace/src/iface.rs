@@ -23,6 +23,16 @@ pub fn rx_queue_count(iface: &str) -> Result<u32> {
         .with_context(|| format!("no interface named '{iface}': list them with 'ip link'"))
 }
 
+/// The MTU of `iface` (sysfs).
+pub fn mtu(iface: &str) -> Result<u32> {
+    let path = format!("/sys/class/net/{iface}/mtu");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("no interface named '{iface}': list them with 'ip link'"))?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("{path} holds {text:?}, not an MTU"))
+}
+
 /// The IPv4 and IPv6 addresses `iface` holds.
 pub fn addresses(iface: &str) -> Result<Vec<IpAddr>> {
     Ok(nix::ifaddrs::getifaddrs()

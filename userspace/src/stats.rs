@@ -368,6 +368,15 @@ impl StatsSnapshot {
             self.drops[reason.index()] += n;
         }
     }
+
+    /// Counts the connections an XDP program's TCP-lite opened (`tcp.handshakes`), closed and
+    /// rejected, with its TCP-lite counts.
+    pub fn add_in_kernel_tcp(&mut self, tcp: &TcpLiteStats, closed: u64, rejected: u64) {
+        self.conns_opened += tcp.handshakes;
+        self.conns_closed += closed;
+        self.conns_rejected += rejected;
+        self.tcp.merge(tcp);
+    }
 }
 
 impl fmt::Display for StatsSnapshot {

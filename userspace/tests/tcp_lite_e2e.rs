@@ -1,6 +1,7 @@
-//! End-to-end tests of TCP-lite on the AF_XDP datapath, in a fresh pair of network namespaces joined
-//! by a veth pair, with real Linux TCP clients: Rust std sockets, Python, sockperf, ricochet's own
-//! bench client, and raw segments for what no well-behaved client sends.
+//! End-to-end tests of TCP-lite on both bypass datapaths (the AF_XDP workers and the XDP program),
+//! in a fresh pair of network namespaces joined by a veth pair, with real Linux TCP clients: Rust
+//! std sockets, Python, sockperf, ricochet's own bench client, and raw segments for what no
+//! well-behaved client sends. Every case runs in both modes, with the same expectations.
 //!
 //! The lab's client namespace sets `net.core.txrehash=0`: on veth a flow's RX queue is its sender's
 //! TX queue, which the sender re-picks after a retransmission timeout, and each AF_XDP worker keeps
@@ -19,14 +20,14 @@ use common::*;
 const ECHO_PORT: u16 = 7778;
 const SOCKPERF_PORT: u16 = 11111;
 
-fn start(lab: &LabNet, extra: &[&str]) -> Server {
+fn start(lab: &LabNet, mode: &str, extra: &[&str]) -> Server {
     let listen = [
         format!("tcp://{LAB_SERVER}:{COUNTER_PORT}"),
         format!("udp://{LAB_SERVER}:{COUNTER_PORT}"),
         format!("echo+tcp://{LAB_SERVER}:{ECHO_PORT}"),
         format!("sockperf+tcp://{LAB_SERVER}:{SOCKPERF_PORT}"),
     ];
-    let mut args = vec!["--mode", "afxdp", "--iface", &lab.server_if];
+    let mut args = vec!["--mode", mode, "--iface", &lab.server_if];
     for spec in &listen {
         args.extend_from_slice(&["--listen", spec]);
     }
@@ -138,10 +139,19 @@ fn python_echo(lab: &LabNet) {
 
 #[test]
 fn afxdp_answers_real_tcp_clients_without_the_kernel_stack() {
-    let Some(lab) = LabNet::create("tl", 2) else {
+    answers_real_tcp_clients_without_the_kernel_stack("afxdp", "tl");
+}
+
+#[test]
+fn xdp_answers_real_tcp_clients_without_the_kernel_stack() {
+    answers_real_tcp_clients_without_the_kernel_stack("xdp", "tlx");
+}
+
+fn answers_real_tcp_clients_without_the_kernel_stack(mode: &str, tag: &str) {
+    let Some(lab) = LabNet::create(tag, 2) else {
         return;
     };
-    let server = start(&lab, &[]);
+    let server = start(&lab, mode, &[]);
     let segs_before = tcp_in_segs(&lab.server_ns);
     let seen: Observations = Arc::default();
     many_connections(&lab, 4, 500, &seen);
@@ -216,13 +226,22 @@ fn lose(lab: &LabNet, port: u16, percent: u32) {
 
 #[test]
 fn afxdp_tcp_is_exact_under_two_percent_loss() {
+    tcp_is_exact_under_two_percent_loss("afxdp", "tx");
+}
+
+#[test]
+fn xdp_tcp_is_exact_under_two_percent_loss() {
+    tcp_is_exact_under_two_percent_loss("xdp", "txx");
+}
+
+fn tcp_is_exact_under_two_percent_loss(mode: &str, tag: &str) {
     if !require_tool("nft", "nftables") {
         return;
     }
-    let Some(lab) = LabNet::create("tx", 2) else {
+    let Some(lab) = LabNet::create(tag, 2) else {
         return;
     };
-    let server = start(&lab, &[]);
+    let server = start(&lab, mode, &[]);
     // The rules live in the client namespace and go with it.
     lose(&lab, COUNTER_PORT, 2);
     let seen: Observations = Arc::default();
@@ -288,13 +307,26 @@ fn raw_segment(
 
 #[test]
 fn afxdp_tcp_syn_floods_strays_and_limits() {
+    tcp_syn_floods_strays_and_limits("afxdp", "tf");
+}
+
+#[test]
+fn xdp_tcp_syn_floods_strays_and_limits() {
+    tcp_syn_floods_strays_and_limits("xdp", "tfx");
+}
+
+fn tcp_syn_floods_strays_and_limits(mode: &str, tag: &str) {
     if !require_tool("nft", "nftables") {
         return;
     }
-    let Some(lab) = LabNet::create("tf", 1) else {
+    let Some(lab) = LabNet::create(tag, 1) else {
         return;
     };
-    let server = start(&lab, &["--tcp-max-conns", "4", "--tcp-idle-timeout", "2s"]);
+    let server = start(
+        &lab,
+        mode,
+        &["--tcp-max-conns", "4", "--tcp-idle-timeout", "2s"],
+    );
     // The client kernel would answer the flood's SYN-ACKs with RST: drop those.
     let rules = format!(
         "table inet ricochet_rst {{\n\

@@ -98,7 +98,7 @@ pub fn start(
     program.add_tcp_listeners(plan.tcp_listeners)?;
     let attached = program.attach(&plan.params.iface, plan.xdp_mode, plan.force)?;
     let listeners = frame::Listeners::with_tcp(plan.listeners, plan.tcp_listeners);
-    let cookies = Cookies::new(cookie_secret()?);
+    let cookies = Cookies::new(crate::tcp_lite::cookie::random_secret()?);
     let limits = plan.tcp.limits(plan.params.frame_size);
     let epoch = Instant::now();
     let mut starting = Starting {
@@ -153,14 +153,6 @@ impl TcpSettings {
             max_mss: room.min(u32::from(u16::MAX)) as u16,
         }
     }
-}
-
-/// A fresh random SYN-cookie secret for this datapath's workers.
-fn cookie_secret() -> Result<[u8; 16]> {
-    let mut key = [0u8; 16];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut key)
-        .context("cannot read a SYN-cookie secret from /dev/urandom")?;
-    Ok(key)
 }
 
 /// The workers of a start-up in progress: dropped before start-up finishes (an error), it stops

@@ -79,6 +79,10 @@ pub struct BypassConfig {
     pub force: bool,
     /// The UDP listeners the XDP program matches.
     pub udp_listeners: Vec<(SocketAddr, Protocol)>,
+    /// The TCP listeners answered by TCP-lite: in the AF_XDP workers (afxdp) or in the XDP
+    /// program (xdp).
+    pub tcp_listeners: Vec<(SocketAddr, Protocol)>,
+    pub tcp: TcpSettings,
     pub afxdp: Option<AfxdpConfig>,
 }
 
@@ -88,9 +92,6 @@ pub struct AfxdpConfig {
     pub queues: Vec<u32>,
     /// Every queue's socket is made alike.
     pub socket: SocketParams,
-    /// The TCP listeners whose segments the workers answer with TCP-lite.
-    pub tcp_listeners: Vec<(SocketAddr, Protocol)>,
-    pub tcp: TcpSettings,
 }
 
 /// The HTTP endpoints. The token is never serialised.
@@ -273,19 +274,13 @@ fn resolve_bypass(args: &ServeArgs, afxdp_fifo: Option<i32>) -> Result<Option<By
         Transport::Udp(addr) => Some(*addr),
         _ => None,
     });
-    // TCP-lite runs in the AF_XDP workers; in xdp mode the kernel path serves TCP.
-    let tcp_listeners = match mode {
-        Mode::Afxdp => listeners_of(args, |t| match t {
-            Transport::Tcp(addr) => Some(*addr),
-            _ => None,
-        }),
-        _ => Vec::new(),
-    };
+    // TCP-lite runs in the AF_XDP workers (afxdp) or in the XDP program (xdp).
+    let tcp_listeners = listeners_of(args, |t| match t {
+        Transport::Tcp(addr) => Some(*addr),
+        _ => None,
+    });
     if udp_listeners.is_empty() && tcp_listeners.is_empty() {
-        match mode {
-            Mode::Afxdp => bail!("--mode afxdp serves UDP and TCP listeners: add --listen udp://ADDR:PORT or tcp://ADDR:PORT"),
-            _ => bail!("--mode {mode} serves UDP listeners: add --listen udp://ADDR:PORT"),
-        }
+        bail!("--mode {mode} serves UDP and TCP listeners: add --listen udp://ADDR:PORT or tcp://ADDR:PORT");
     }
     let steered = || {
         udp_listeners
@@ -300,20 +295,20 @@ fn resolve_bypass(args: &ServeArgs, afxdp_fifo: Option<i32>) -> Result<Option<By
     let n_queues = iface::rx_queue_count(&iface)?;
     iface::check_listener_addresses(&iface, steered())?;
     let afxdp = match mode {
-        Mode::Afxdp => Some(resolve_afxdp(
-            args,
-            &iface,
-            n_queues,
-            afxdp_fifo,
-            tcp_listeners,
-        )?),
+        Mode::Afxdp => Some(resolve_afxdp(args, &iface, n_queues, afxdp_fifo)?),
         _ => None,
+    };
+    let tcp = TcpSettings {
+        max_conns: args.tcp_max_conns,
+        idle_timeout_secs: args.tcp_idle_timeout.as_secs() as u32,
     };
     Ok(Some(BypassConfig {
         iface,
         xdp_mode: args.xdp_mode.unwrap_or_default(),
         force: args.force,
         udp_listeners,
+        tcp_listeners,
+        tcp,
         afxdp,
     }))
 }
@@ -325,7 +320,6 @@ fn resolve_afxdp(
     iface: &str,
     n_queues: u32,
     fifo_priority: Option<i32>,
-    tcp_listeners: Vec<(SocketAddr, Protocol)>,
 ) -> Result<AfxdpConfig> {
     let queues: Vec<u32> = match &args.queues {
         Some(list) => list.0.iter().map(|q| q.0 as u32).collect(),
@@ -351,16 +345,7 @@ fn resolve_afxdp(
         batch: u32::from(args.batch),
         fifo_priority,
     };
-    let tcp = TcpSettings {
-        max_conns: args.tcp_max_conns,
-        idle_timeout_secs: args.tcp_idle_timeout.as_secs() as u32,
-    };
-    Ok(AfxdpConfig {
-        queues,
-        socket,
-        tcp_listeners,
-        tcp,
-    })
+    Ok(AfxdpConfig { queues, socket })
 }
 
 /// The listeners of one transport, with their protocols.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
-use super::config::Config;
+use super::config::{BypassConfig, Config};
 use super::report::Report;
 use super::state::CounterState;
 use crate::afxdp::{self, AfXdpDatapath, AfxdpPlan};
@@ -18,7 +18,7 @@ use crate::kernel::{self, KernelWorker};
 use crate::privilege::Lockdown;
 use crate::spec::ListenSpec;
 use crate::xdp::counter::MappedCounter;
-use crate::xdp::{AttachedMode, ProgramKind, XdpProgram};
+use crate::xdp::{AttachedMode, ResponderTcp, XdpProgram};
 
 /// The datapath beside the kernel path, if any.
 pub enum Bypass {
@@ -50,10 +50,7 @@ impl Datapaths {
     ) -> Result<Datapaths> {
         // In xdp mode the counter lives in the program's BPF_F_MMAPABLE map, shared by both paths.
         let responder = match &config.bypass {
-            Some(bypass) if bypass.afxdp.is_none() => Some(XdpProgram::load(
-                ProgramKind::Respond,
-                &bypass.udp_listeners,
-            )?),
+            Some(bypass) if bypass.afxdp.is_none() => Some(load_responder(bypass)?),
             _ => None,
         };
         let live_file = state.and_then(|s| s.live_file.as_ref());
@@ -105,8 +102,8 @@ impl Datapaths {
             let plan = AfxdpPlan {
                 params: &afxdp.socket,
                 listeners: &bypass.udp_listeners,
-                tcp_listeners: &afxdp.tcp_listeners,
-                tcp: afxdp.tcp,
+                tcp_listeners: &bypass.tcp_listeners,
+                tcp: bypass.tcp,
                 queues: &afxdp.queues,
                 cpus: &config.cpus,
                 xdp_mode: bypass.xdp_mode,
@@ -120,6 +117,16 @@ impl Datapaths {
             responder.expect("xdp mode loads the responder before the kernel workers");
         let attached = program.attach(&bypass.iface, bypass.xdp_mode, bypass.force)?;
         Ok(Bypass::Xdp(program, attached))
+    }
+
+    /// Forgets idle TCP-lite connections in the responder's table (xdp mode; the AF_XDP workers
+    /// expire their own). Called about once a second.
+    pub fn expire_tcp(&self) {
+        if let Bypass::Xdp(program, _) = &self.bypass {
+            if let Err(e) = program.expire_tcp() {
+                tracing::warn!("{e:#}");
+            }
+        }
     }
 
     /// Packet workers (kernel and AF_XDP) still running.
@@ -240,4 +247,19 @@ fn join_afxdp_workers(workers: Vec<afxdp::AfXdpWorker>, mut report: Report) -> R
         report.afxdp_worker(worker.queue, worker.cpu, &snapshot, Some(&xsk));
     }
     report
+}
+
+/// The responder of xdp mode with its UDP listeners and TCP-lite: its MSS fits the interface's MTU
+/// with IPv6 and TCP headers, and its cookie secret is fresh.
+fn load_responder(bypass: &BypassConfig) -> Result<XdpProgram> {
+    let mtu = crate::iface::mtu(&bypass.iface)?;
+    let tcp = ResponderTcp {
+        listeners: bypass.tcp_listeners.clone(),
+        max_conns: bypass.tcp.max_conns,
+        idle_timeout_secs: bypass.tcp.idle_timeout_secs,
+        max_mss: mtu.saturating_sub(60).clamp(1, u32::from(u16::MAX)) as u16,
+        secret: crate::tcp_lite::cookie::random_secret()
+            .context("cannot read a SYN-cookie secret from /dev/urandom")?,
+    };
+    XdpProgram::load_responder(&bypass.udp_listeners, &tcp)
 }

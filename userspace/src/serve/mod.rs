@@ -258,7 +258,12 @@ impl Ending {
 /// Serves until a stop signal or a dead worker. SIGHUP prints a status report and keeps serving
 /// (the configuration is not reloaded: set-up happens once, before privileges are dropped).
 fn supervise(paths: &Datapaths, state: &AppState, http: Option<&HttpServer>) -> Ending {
+    let mut last_expiry = std::time::Instant::now();
     loop {
+        if last_expiry.elapsed() >= Duration::from_secs(1) {
+            paths.expire_tcp();
+            last_expiry = std::time::Instant::now();
+        }
         match sys::wait_for_signal(Duration::from_millis(200)) {
             Some(Signal::SIGHUP) => {
                 let _ = report::print(&paths.status().render("status"));

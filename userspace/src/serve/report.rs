@@ -60,6 +60,8 @@ impl Report {
                     .collect();
                 self.lines.push(format!("xdp {}", fields.join(" ")));
                 self.total.add_in_kernel(replies, &drops);
+                let (tcp, closed, rejected) = crate::xdp::in_kernel_tcp(&stats);
+                self.total.add_in_kernel_tcp(&tcp, closed, rejected);
             }
             (Err(e), _) | (_, Err(e)) => self
                 .errors

@@ -92,6 +92,13 @@ impl Cookies {
     }
 }
 
+/// A fresh random cookie secret, from the kernel's random source.
+pub fn random_secret() -> std::io::Result<[u8; 16]> {
+    let mut key = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut key)?;
+    Ok(key)
+}
+
 #[cfg(test)]
 mod test {
     use super::*;

@@ -17,7 +17,7 @@ use aya::Ebpf;
 
 use crate::core::Protocol;
 use crate::spec::XdpAttachMode;
-use crate::stats::DropReason;
+use crate::stats::{DropReason, TcpLiteStats};
 use counter::MappedCounter;
 use maps::{ListenerKey, ListenerValue, TcpConnRecord, TcpFlowKey, TcpProgramSettings, XdpStat};
 
@@ -415,6 +415,21 @@ fn in_kernel_totals(stats: &[u64; XdpStat::COUNT]) -> InKernelTotals {
         .collect();
     let replies = stats[XdpStat::Tx as usize] + stats[XdpStat::TcpReplies as usize];
     (replies, drops)
+}
+
+/// The responder's TCP-lite counts, as (counts, connections closed, connections rejected).
+pub fn in_kernel_tcp(stats: &[u64; XdpStat::COUNT]) -> (TcpLiteStats, u64, u64) {
+    let get = |s: XdpStat| stats[s as usize];
+    let tcp = TcpLiteStats {
+        handshakes: get(XdpStat::TcpHandshakes),
+        cookie_failures: get(XdpStat::TcpCookieFailures),
+        retransmitted: get(XdpStat::TcpRetransmitted),
+        out_of_order: get(XdpStat::TcpOutOfOrder),
+        resets_sent: get(XdpStat::TcpResetsSent),
+        table_full: get(XdpStat::TcpTableFull),
+        idle_closed: get(XdpStat::TcpIdleClosed),
+    };
+    (tcp, get(XdpStat::TcpClosed), get(XdpStat::TcpRejected))
 }
 
 fn read_stats(array: &PerCpuArray<MapData, u64>) -> Result<[u64; XdpStat::COUNT]> {
