@@ -13,7 +13,8 @@
  * that cannot hold a valid request (first fragment, truncated, source port 0, wrong payload length
  * for the protocol; for the responder also a bad hash) is dropped and counted by reason, never
  * answered. The responder passes datagrams longer than RESPONDER_MAX_UDP_LEN to the kernel.
- * Minimum kernel: 5.12 (BPF atomic fetch-and-add; BPF link attach needs 5.9), written for 5.15+.
+ * Minimum kernel: 5.12 for the steering program (BPF atomic fetch-and-add; BPF links need 5.9); 5.18 for the
+ * responder (TCP-lite uses bpf_xdp_load_bytes/store_bytes and bpf_loop). Written for 6.x.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>

@@ -261,7 +261,8 @@ fn source_port_zero_is_never_answered() {
 
 /// The checksum loop covers RESPONDER_MAX_UDP_LEN bytes, and the verifier walks every iteration: the
 /// responder must stay well inside the verifier's budget of one million instructions, or a small
-/// change elsewhere would make it fail to load.
+/// change elsewhere would make it fail to load. With TCP-lite (its global functions each verified
+/// once) it takes a little over half; 700,000 keeps 30 % of the budget free.
 #[test]
 fn the_verifier_accepts_the_responder_with_room_to_spare() {
     let Some(mut prog) = responder() else { return };
@@ -270,7 +271,7 @@ fn the_verifier_accepts_the_responder_with_room_to_spare() {
         return;
     };
     eprintln!("the verifier processed {n} instructions");
-    assert!(n < 250_000, "the verifier processed {n} instructions");
+    assert!(n < 700_000, "the verifier processed {n} instructions");
 }
 
 /// Regression (issue 9, item 2): the checksum loop stopped at 750 words, so echoes longer than about

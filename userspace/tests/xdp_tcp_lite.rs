@@ -395,7 +395,7 @@ fn echo_sockperf_and_ipv6_match_the_model() {
     // sockperf: a header split across segments, then a message with a body.
     let mut sp = Client::new(61002, 11111, u32::MAX - 3);
     sp.connect(&mut pair, None);
-    let mut msg = vec![0u8; 20];
+    let mut msg = [0u8; 20];
     msg[8..10].copy_from_slice(&1u16.to_be_bytes());
     msg[10..14].copy_from_slice(&20u32.to_be_bytes());
     sp.data(&mut pair, &msg[..5]);
@@ -515,10 +515,7 @@ fn syn_flood_strays_and_a_full_table_leave_no_state() {
     );
     assert_eq!(pair.stat(XdpStat::TcpTableFull), 1);
     for c in &mut open {
-        assert_eq!(
-            common::parse_reply(&c.data(&mut pair, &frame(1)).unwrap().payload) > 0,
-            true
-        );
+        assert!(common::parse_reply(&c.data(&mut pair, &frame(1)).unwrap().payload) > 0);
     }
     assert_eq!(pair.prog.tcp_connections().unwrap(), 4);
 }

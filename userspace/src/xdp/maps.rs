@@ -241,7 +241,9 @@ mod test {
             .lines()
             .find_map(|l| l.strip_prefix(&format!("#define {name} ")))
             .unwrap_or_else(|| panic!("{name} not in ricochet.h"))
-            .trim()
+            .split_whitespace()
+            .next()
+            .unwrap()
             .parse()
             .unwrap()
     }

@@ -553,8 +553,8 @@ pub fn bypass_serves_the_lab(lab: &LabNet) -> u64 {
     );
     assert_eq!(r["duplicate_values"], 0);
     assert_eq!(r["non_increasing"], 0);
-    // TCP keeps working while attached (TCP-lite in afxdp mode, the kernel path in xdp mode), and
-    // so does ICMP.
+    // TCP keeps working while attached (TCP-lite in the AF_XDP workers or in the XDP program),
+    // and so does ICMP.
     let tcp = format!("tcp://{LAB_SERVER}:{COUNTER_PORT}");
     let t = bench_json_in(lab, &[&tcp, "--requests", "100"]);
     assert_eq!(t["received"], 100);
