@@ -351,8 +351,8 @@ pub fn render(s: &Summary, commands: &str) -> String {
 /// The ping-pong and closed-loop runs over TCP.
 fn tcp_section(s: &Summary) -> String {
     format!(
-        "\n## Over TCP\n\nThe same server, clients and runs over TCP: the kernel's TCP stack in kernel and xdp mode, TCP-lite in afxdp \
-         mode.\n\n### Ping-pong, ricochet's bench client (spinning)\n\n{}\n### Closed loop\n\n{}\n",
+        "\n## Over TCP\n\nThe same server, clients and runs over TCP: the kernel's TCP stack in kernel mode, TCP-lite in \
+         the AF_XDP workers (afxdp) and in the XDP program (xdp).\n\n### Ping-pong, ricochet's bench client (spinning)\n\n{}\n### Closed loop\n\n{}\n",
         latency_table(&s.pingpong_tcp),
         throughput_table(&s.throughput_tcp)
     )
