@@ -103,10 +103,10 @@ sockperf_client() { # sockperf_client NAME
 # Whole-machine CPU during a fixed-rate run: busy = wall time x CPUs - idle time. On veth the XDP
 # program and softirqs run in the sender's context, so the responder's own CPU time would hide them;
 # /proc/stat's busy fields are tick samples that miss short bursts, its idle time is exact (NOHZ).
-cpu_run() { # cpu_run NAME
+cpu_run() { # cpu_run NAME SPEC
     local idle0 idle1 wall0 wall1
     idle0=$(awk '/^cpu / {print $5+$6}' /proc/stat); wall0=$(date +%s%N)
-    bench "$1" "udp://$ADDR:7777" --duration "${DURATION}s" --rate "$CPU_RATE" -c 4 --timeout 2s
+    bench "$1" "$2" --duration "${DURATION}s" --rate "$CPU_RATE" -c 4 --timeout 2s
     wall1=$(date +%s%N); idle1=$(awk '/^cpu / {print $5+$6}' /proc/stat)
     echo "{\"wall_ns\": $((wall1 - wall0)), \"idle_jiffies\": $((idle1 - idle0)), \"clk_tck\": $(getconf CLK_TCK), \"cpus\": $NCPU, \"rate\": $CPU_RATE, \"bench\": \"$1.json\"}" >"$RUNS/$1.cpu.json"
 }
@@ -136,13 +136,15 @@ run_mode() { # run_mode MODE
     if [ "$mode" != sockperf-server ]; then
         bench "throughput-$tag" "udp://$ADDR:7777" --duration "${DURATION}s" --warmup 300ms -c 16 -d 16 --timeout 2s
         record throughput "$mode" "throughput-$tag.json"
-        cpu_run "cpu-$tag"
+        cpu_run "cpu-$tag" "udp://$ADDR:7777"
         record cpu "$mode" "cpu-$tag.cpu.json"
-        # The same over TCP: the kernel's TCP stack, or TCP-lite in afxdp mode.
+        # The same over TCP: the kernel's TCP stack (kernel modes), TCP-lite (afxdp and xdp).
         bench "pingpong-tcp-$tag" "sockperf+tcp://$ADDR:11112" --duration "${DURATION}s" --warmup 300ms --spin
         record pingpong-tcp "$mode" "pingpong-tcp-$tag.json"
         bench "throughput-tcp-$tag" "tcp://$ADDR:7777" --duration "${DURATION}s" --warmup 300ms -c 16 -d 16 --timeout 2s
         record throughput-tcp "$mode" "throughput-tcp-$tag.json"
+        cpu_run "cpu-tcp-$tag" "tcp://$ADDR:7777"
+        record cpu-tcp "$mode" "cpu-tcp-$tag.cpu.json"
     fi
     stop_server
 }

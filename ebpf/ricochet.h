@@ -102,7 +102,8 @@ struct tcp_conn {
 	__u8 protocol;
 	__u8 state;
 	__u8 carry_len;    /* bytes of a partial frame (or sockperf header) in carry */
-	__u8 pad[7];
+	__u8 pad[3];
+	__u32 ack_sent;    /* the highest acknowledgement sent (see conn_segment) */
 	__u8 carry[32];    /* 16 used; the rest lets the verifier prove variable-offset copies */
 	__u8 out[2 * TCP_OUT_CAP];
 };

@@ -597,20 +597,32 @@ static __always_inline __u32 conn_sendable(struct tcp_conn *c)
 	return n;
 }
 
-/* The segment a connection sends now, with at most `room` reply bytes (see tcp_room). */
+/* The segment a connection sends now, with at most `room` reply bytes (see tcp_room).
+ *
+ * When the frame cannot carry every reply the client's MSS and window allow, the segment
+ * acknowledges only the request bytes whose replies it carries (never less than it acknowledged
+ * before): the client's own retransmission timer then resends the rest of its requests, and the
+ * answer to that carries the replies left behind. Without this, an answer carrying part of the
+ * replies and acknowledging all the requests leaves the client nothing to resend if the segment
+ * with the other replies is lost, and the server has no timer. The right edge of the window stays
+ * where it was. */
 static __always_inline void conn_segment(struct tcp_conn *c, struct tcp_out *o, __u32 room)
 {
-	__u32 n = conn_sendable(c);
-	if (n > room)
-		n = room;
+	__u32 sendable = conn_sendable(c);
+	__u32 n = sendable < room ? sendable : room;
+	__u32 ack = c->rcv_nxt - (sendable - n);
+	if (seq_before(ack, c->ack_sent))
+		ack = c->ack_sent;
+	c->ack_sent = ack;
 	int fin = (c->state & TCP_OUR_FIN) && !(c->state & TCP_FIN_ACKED) && n == c->out_len;
 	o->flags = TCP_ACK | (n > 0 ? TCP_PSH : 0) | (fin ? TCP_FIN : 0);
 	__u32 end = c->snd_una + n + fin;
 	if (seq_before(c->snd_max, end))
 		c->snd_max = end;
+	__u32 window = conn_window(c) + (c->rcv_nxt - ack);
 	o->seq = c->snd_una;
-	o->ack = c->rcv_nxt;
-	o->window = conn_window(c);
+	o->ack = ack;
+	o->window = window < 0xffff ? window : 0xffff;
 	o->mss = 0;
 	o->len = n;
 	o->ring = (c->snd_una - c->iss1) & (TCP_OUT_CAP - 1);
@@ -905,6 +917,7 @@ static __always_inline int tcp_create(struct tcp_seg *seg, __u32 idx)
 	fresh->protocol = seg->protocol;
 	fresh->state = 0;
 	fresh->carry_len = 0;
+	fresh->ack_sent = seg->seq;
 	struct tcp_flow key = seg->flow;
 	if (bpf_map_update_elem(&tcp_conns, &key, fresh, BPF_NOEXIST))
 		return 0;

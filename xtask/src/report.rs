@@ -192,10 +192,12 @@ pub struct Summary {
     pub pingpong_tcp: BTreeMap<String, Run>,
     pub throughput_tcp: BTreeMap<String, Run>,
     pub cpu_us: BTreeMap<String, f64>,
+    pub cpu_tcp_us: BTreeMap<String, f64>,
     /// Runs that lost or mis-answered requests: "mode kind: details".
     pub failures: Vec<String>,
-    /// The first round's ping-pong histogram per mode.
+    /// The first round's ping-pong histogram per mode, over UDP and over TCP.
     pub hgrm: BTreeMap<String, PathBuf>,
+    pub hgrm_tcp: BTreeMap<String, PathBuf>,
 }
 
 pub fn summarize(dir: &Path) -> Result<Summary> {
@@ -207,7 +209,7 @@ pub fn summarize(dir: &Path) -> Result<Summary> {
         )
     })?;
     let mut by: BTreeMap<(String, String), Vec<Run>> = BTreeMap::new();
-    let mut cpu: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut cpu: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
     let mut s = Summary::default();
     for line in index.lines().filter(|l| !l.trim().is_empty()) {
         let e: Entry =
@@ -217,9 +219,10 @@ pub fn summarize(dir: &Path) -> Result<Summary> {
                 bench_run(&runs.join(&e.file))?
             }
             "sockperf" => sockperf_run(&std::fs::read_to_string(runs.join(&e.file))?)?,
-            "cpu" => {
+            "cpu" | "cpu-tcp" => {
                 let (per_request, run) = cpu_per_request(&runs, &e.file)?;
-                cpu.entry(e.mode.clone()).or_default().push(per_request);
+                let key = (e.kind.clone(), e.mode.clone());
+                cpu.entry(key).or_default().push(per_request);
                 run
             }
             other => bail!("unknown run kind '{other}'"),
@@ -230,12 +233,16 @@ pub fn summarize(dir: &Path) -> Result<Summary> {
                 e.mode, e.kind, run.sent, run.received, run.lost, run.invalid
             ));
         }
-        if e.kind == "pingpong" {
-            s.hgrm
-                .entry(e.mode.clone())
+        let hgrm = match e.kind.as_str() {
+            "pingpong" => Some(&mut s.hgrm),
+            "pingpong-tcp" => Some(&mut s.hgrm_tcp),
+            _ => None,
+        };
+        if let Some(hgrm) = hgrm {
+            hgrm.entry(e.mode.clone())
                 .or_insert_with(|| runs.join(e.file.replace(".json", ".hgrm")));
         }
-        if e.kind != "cpu" {
+        if !e.kind.starts_with("cpu") {
             by.entry((e.kind, e.mode)).or_default().push(run);
         }
     }
@@ -249,7 +256,14 @@ pub fn summarize(dir: &Path) -> Result<Summary> {
             _ => s.throughput.insert(mode, m),
         };
     }
-    s.cpu_us = cpu.into_iter().map(|(k, v)| (k, median(v))).collect();
+    for ((kind, mode), v) in cpu {
+        let target = if kind == "cpu" {
+            &mut s.cpu_us
+        } else {
+            &mut s.cpu_tcp_us
+        };
+        target.insert(mode, median(v));
+    }
     Ok(s)
 }
 
@@ -354,21 +368,27 @@ fn tcp_section(s: &Summary) -> String {
         "\n## Over TCP\n\nThe same server, clients and runs over TCP: the kernel's TCP stack in kernel mode, TCP-lite in \
          the AF_XDP workers (afxdp) and in the XDP program (xdp).\n\n### Ping-pong, ricochet's bench client (spinning)\n\n{}\n### Closed loop\n\n{}\n",
         latency_table(&s.pingpong_tcp),
-        throughput_table(&s.throughput_tcp)
+        throughput_table(&s.throughput_tcp, &s.cpu_tcp_us)
     )
 }
 
-/// Closed-loop replies per second by mode, with the ratio to kernel block.
-fn throughput_table(runs: &BTreeMap<String, Run>) -> String {
+/// Closed-loop replies per second by mode, with the ratio to kernel block, and the machine CPU per
+/// request of the fixed-rate run.
+fn throughput_table(runs: &BTreeMap<String, Run>, cpu: &BTreeMap<String, f64>) -> String {
     let mut t = String::from(
-        "| mode | closed-loop replies/s | p50 µs | p99 µs | lost | replies/s / kernel block |\n|---|---|---|---|---|---|\n",
+        "| mode | closed-loop replies/s | p50 µs | p99 µs | lost | replies/s / kernel block | machine CPU per request µs | CPU / kernel block |\n|---|---|---|---|---|---|---|---|\n",
     );
     let block = runs.get("kernel-block").map(|r| r.rps);
+    let cpu_block = cpu.get("kernel-block").copied();
     for mode in MODES {
         let Some(r) = runs.get(mode) else { continue };
+        let (cpu_text, cpu_ratio) = match cpu.get(mode) {
+            Some(c) => (format!("{c:.1}"), ratio(*c, cpu_block)),
+            None => ("–".into(), "–".into()),
+        };
         let _ = writeln!(
             t,
-            "| {mode} | {:.0} | {:.1} | {:.1} | {} | {} |",
+            "| {mode} | {:.0} | {:.1} | {:.1} | {} | {} | {cpu_text} | {cpu_ratio} |",
             r.rps,
             r.p50,
             r.p99,
@@ -395,33 +415,57 @@ pub fn hgrm_points(text: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// All modes' latency percentile distributions, HdrHistogram style: percentile on a log 1/(1-p) axis.
-pub fn chart(s: &Summary, out: &Path) -> Result<()> {
+/// One line of the chart: a mode over one transport, and its percentile points.
+struct Series {
+    label: String,
+    color: RGBColor,
+    width: u32,
+    points: Vec<(f64, f64)>,
+}
+
+/// Every mode's ping-pong percentiles, UDP (thick) and TCP (thin, same colour), from the hgrm files.
+fn chart_series(s: &Summary) -> Result<Vec<Series>> {
+    let colors = [
+        RGBColor(120, 120, 120),
+        RGBColor(200, 60, 40),
+        RGBColor(230, 150, 20),
+        RGBColor(40, 110, 200),
+        RGBColor(30, 160, 80),
+    ];
     let mut series = Vec::new();
-    for mode in MODES {
-        let Some(path) = s.hgrm.get(mode) else {
-            continue;
-        };
-        let points = hgrm_points(&std::fs::read_to_string(path)?);
-        if !points.is_empty() {
-            series.push((mode, points));
+    for (i, mode) in MODES.iter().enumerate() {
+        for (hgrm, transport, width) in [(&s.hgrm, "UDP", 3), (&s.hgrm_tcp, "TCP", 1)] {
+            let Some(path) = hgrm.get(*mode) else {
+                continue;
+            };
+            let points = hgrm_points(&std::fs::read_to_string(path)?);
+            if !points.is_empty() {
+                let label = format!("{mode} {transport}");
+                let color = colors[i % colors.len()];
+                series.push(Series {
+                    label,
+                    color,
+                    width,
+                    points,
+                });
+            }
         }
     }
-    let x_max = series
-        .iter()
-        .flat_map(|(_, p)| p.iter().map(|(x, _)| *x))
-        .fold(10.0f64, f64::max)
-        .min(1e6);
-    let y_max = series
-        .iter()
-        .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
-        .fold(1.0f64, f64::max)
-        * 1.2;
+    Ok(series)
+}
+
+/// All modes' latency percentile distributions, over UDP and TCP side by side, HdrHistogram style:
+/// percentile on a log 1/(1-p) axis.
+pub fn chart(s: &Summary, out: &Path) -> Result<()> {
+    let series = chart_series(s)?;
+    let all = || series.iter().flat_map(|l| l.points.iter().copied());
+    let x_max = all().map(|(x, _)| x).fold(10.0f64, f64::max).min(1e6);
+    let y_max = all().map(|(_, y)| y).fold(1.0f64, f64::max) * 1.2;
     let root = SVGBackend::new(out, (900, 540)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "Round-trip latency by percentile (ping-pong, veth lab)",
+            "Round-trip latency by percentile (ping-pong, veth lab; thick UDP, thin TCP)",
             ("sans-serif", 20),
         )
         .margin(15)
@@ -433,39 +477,20 @@ pub fn chart(s: &Summary, out: &Path) -> Result<()> {
         .configure_mesh()
         .x_desc("percentile")
         .y_desc("round trip (µs)")
-        .x_label_formatter(&|x| {
-            let p = 100.0 * (1.0 - 1.0 / x);
-            if p < 1e-9 {
-                "0%".into()
-            } else {
-                format!("{p:.4}")
-                    .trim_end_matches('0')
-                    .trim_end_matches('.')
-                    .to_string()
-                    + "%"
-            }
-        })
+        .x_label_formatter(&percentile_label)
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
-    let colors = [
-        RGBColor(120, 120, 120),
-        RGBColor(200, 60, 40),
-        RGBColor(230, 150, 20),
-        RGBColor(40, 110, 200),
-        RGBColor(30, 160, 80),
-    ];
-    for (i, (mode, points)) in series.into_iter().enumerate() {
-        let color = colors[i % colors.len()];
+    for line in series {
+        let style = line.color.stroke_width(line.width);
+        let points = line.points.into_iter();
         chart
             .draw_series(LineSeries::new(
-                points.into_iter().filter(|(x, y)| *x <= x_max && *y > 0.0),
-                color.stroke_width(2),
+                points.filter(|(x, y)| *x <= x_max && *y > 0.0),
+                style,
             ))
             .map_err(|e| anyhow!("{e}"))?
-            .label(mode)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
+            .label(line.label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
     }
     chart
         .configure_series_labels()
@@ -476,6 +501,19 @@ pub fn chart(s: &Summary, out: &Path) -> Result<()> {
         .map_err(|e| anyhow!("{e}"))?;
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
+}
+
+/// An x value of the chart (1/(1-p)) as a percentile.
+fn percentile_label(x: &f64) -> String {
+    let p = 100.0 * (1.0 - 1.0 / x);
+    if p < 1e-9 {
+        return "0%".into();
+    }
+    format!("{p:.4}")
+        .trim_end_matches('0')
+        .trim_end_matches('.')
+        .to_string()
+        + "%"
 }
 
 /// Writes results.md and latency.svg, prints the table; fails when a mode lost or mis-answered requests.

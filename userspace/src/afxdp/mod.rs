@@ -130,7 +130,7 @@ pub fn start(
     })
 }
 
-/// The TCP-lite limits of each worker's connection table.
+/// The TCP-lite limits: of each AF_XDP worker's connection table, or of the XDP program's (xdp mode).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct TcpSettings {
     pub max_conns: u32,

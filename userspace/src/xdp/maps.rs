@@ -299,7 +299,7 @@ mod test {
         assert_eq!(std::mem::size_of::<TcpFlowKey>(), 40);
         assert!(HEADER.contains("\t__u32 idle_timeout;\n\t__u16 max_mss;\n\t__u16 pad;\n};"));
         assert_eq!(std::mem::size_of::<TcpProgramSettings>(), 24);
-        // struct tcp_conn: six u32, three u16, three u8, pad[7], carry[32], out[2 * cap].
+        // struct tcp_conn: six u32, three u16, three u8, pad[3], a u32, carry[32], out[2 * cap].
         let conn = &HEADER[HEADER.find("struct tcp_conn {").unwrap()..];
         let conn = &conn[..conn.find("};").unwrap()];
         let fields: Vec<&str> = conn
