@@ -564,8 +564,15 @@ mod test {
                 "{mode}"
             );
         }
+        for mode in &MODES[1..] {
+            let tcp = s.pingpong_tcp.contains_key(*mode)
+                && s.throughput_tcp.contains_key(*mode)
+                && s.cpu_tcp_us.contains_key(*mode);
+            assert!(tcp, "{mode} over TCP");
+        }
         assert!(s.failures.is_empty(), "{:?}", s.failures);
         let text = render(&s, "cmd");
+        assert!(text.contains("## Over TCP") && text.contains("CPU / kernel block"));
         assert!(text.contains("| xdp |") && text.contains("Every mode answered every request"));
         // The kernel-spin row's ratio to itself is exactly 1.
         let spin = text
@@ -576,6 +583,10 @@ mod test {
         chart(&s, &dir.join("latency.svg")).unwrap();
         let svg = std::fs::read_to_string(dir.join("latency.svg")).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("afxdp") && svg.contains("<polyline"));
+        assert!(
+            svg.contains("xdp UDP") && svg.contains("xdp TCP"),
+            "UDP and TCP side by side"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
