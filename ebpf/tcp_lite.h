@@ -28,9 +28,13 @@
 #define SOCKPERF_MAX_STREAM_MESSAGE (1 << 20)
 #define SOCKPERF_HEADER 14
 
+/* Not preallocated: an entry is allocated when a connection is created and freed an RCU grace
+ * period after it is deleted, so a CPU still answering on an entry that the expiry program (or a
+ * RST) deleted never writes into another connection's. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096); /* userspace sets --tcp-max-conns before loading */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct tcp_flow);
 	__type(value, struct tcp_conn);
 } tcp_conns SEC(".maps");
@@ -176,16 +180,16 @@ static __always_inline int tcp_locate(struct xdp_md *ctx, struct tcp_seg *seg)
 	return 1;
 }
 
-/* The MSS option of the TCP header at l4_offset, or 0 when it has none. */
+/* The MSS option of the TCP header at l4_offset, or -1 when it has none. */
 __attribute__((noinline)) int tcp_mss_option(struct xdp_md *ctx, __u32 l4_offset)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	if (l4_offset > MAX_UDP_OFFSET)
-		return 0;
+		return -1;
 	__u8 *th = data + l4_offset;
 	if ((void *)(th + 20) > data_end)
-		return 0;
+		return -1;
 	__u32 doff = (th[12] >> 4) * 4;
 	__u32 i = 20;
 	for (int k = 0; k < 40; k++) {
@@ -193,7 +197,7 @@ __attribute__((noinline)) int tcp_mss_option(struct xdp_md *ctx, __u32 l4_offset
 			break;
 		__u8 *p = th + i;
 		if ((void *)(p + 2) > data_end)
-			return 0;
+			return -1;
 		if (p[0] == 0)
 			break;
 		if (p[0] == 1) {
@@ -204,12 +208,12 @@ __attribute__((noinline)) int tcp_mss_option(struct xdp_md *ctx, __u32 l4_offset
 			break;
 		if (p[0] == 2 && p[1] == 4 && i + 4 <= doff) {
 			if ((void *)(p + 4) > data_end)
-				return 0;
+				return -1;
 			return (p[2] << 8) | p[3];
 		}
 		i += p[1];
 	}
-	return 0;
+	return -1;
 }
 
 /* SipHash-1-3 (as the siphasher crate computes it) of the 45-byte message the Rust cookie hashes:
@@ -599,18 +603,16 @@ static __always_inline __u32 conn_sendable(struct tcp_conn *c)
 
 /* The segment a connection sends now, with at most `room` reply bytes (see tcp_room).
  *
- * When the frame cannot carry every reply the client's MSS and window allow, the segment
- * acknowledges only the request bytes whose replies it carries (never less than it acknowledged
- * before): the client's own retransmission timer then resends the rest of its requests, and the
- * answer to that carries the replies left behind. Without this, an answer carrying part of the
- * replies and acknowledging all the requests leaves the client nothing to resend if the segment
- * with the other replies is lost, and the server has no timer. The right edge of the window stays
- * where it was. */
+ * As conn.rs segment: it acknowledges what was received less the requests whose replies it cannot
+ * carry (held by the client's window, or by the room in the frame), never less than it
+ * acknowledged before. The client's own retransmission timer then resends those requests, and the
+ * answer to that carries the replies left behind: no reply waits on a segment of the client's that
+ * may never come, and the server needs no timer. The window's right edge stays where it was. */
 static __always_inline void conn_segment(struct tcp_conn *c, struct tcp_out *o, __u32 room)
 {
 	__u32 sendable = conn_sendable(c);
 	__u32 n = sendable < room ? sendable : room;
-	__u32 ack = c->rcv_nxt - (sendable - n);
+	__u32 ack = c->rcv_nxt - (c->out_len - n);
 	if (seq_before(ack, c->ack_sent))
 		ack = c->ack_sent;
 	c->ack_sent = ack;
@@ -818,11 +820,12 @@ static __always_inline int send_syn_ack(struct xdp_md *ctx, struct tcp_seg *seg)
 	struct tcp_settings *s = bpf_map_lookup_elem(&tcp_settings, &zero);
 	if (!s)
 		return XDP_ABORTED;
-	__u32 mss = tcp_mss_option(ctx, seg->l4_off);
-	if (mss == 0)
-		mss = TCP_DEFAULT_MSS;
+	int option = tcp_mss_option(ctx, seg->l4_off);
+	__u32 mss = option < 0 ? TCP_DEFAULT_MSS : option;
 	if (mss > s->max_mss)
 		mss = s->max_mss;
+	if (mss == 0)
+		mss = 1;
 	__u32 index = mss_index(mss);
 	struct tcp_out o = {
 		.seq = cookie_make(seg, index),
@@ -856,8 +859,10 @@ __attribute__((noinline)) int tcp_established(struct xdp_md *ctx, struct tcp_seg
 	c->last_seen = seg->now;
 	int step;
 	if (seg->flags & TCP_RST) {
+		/* Exact anywhere from the last acknowledgement sent (which may lie behind rcv_nxt,
+		 * see conn_segment) to rcv_nxt. */
 		__u32 offset = seg->seq - c->rcv_nxt;
-		if (offset == 0)
+		if (!seq_before(seg->seq, c->ack_sent) && !seq_before(c->rcv_nxt, seg->seq))
 			step = STEP_FORGET;
 		else
 			step = offset < conn_window(c) ? STEP_ANSWER : STEP_QUIET;
@@ -958,7 +963,8 @@ static __always_inline int conn_idle(struct tcp_conn *c, __u32 now)
 {
 	__u32 zero = 0;
 	struct tcp_settings *s = bpf_map_lookup_elem(&tcp_settings, &zero);
-	return s && now - c->last_seen > s->idle_timeout;
+	/* Signed: another CPU may have stamped the entry a second later than this `now`. */
+	return s && (__s32)(now - c->last_seen) > (__s32)s->idle_timeout;
 }
 
 /* A TCP segment for a TCP listener in xdp mode. A global function: its stack is not added to the

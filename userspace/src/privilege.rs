@@ -199,8 +199,10 @@ impl Lockdown {
 /// descriptor, and they rely on the program's BPF link detaching it when the descriptor closes at
 /// exit. Linux before 5.9 has no XDP links (detaching would need `CAP_NET_ADMIN`), and before 5.19
 /// refuses every `bpf()` call from a process without `CAP_BPF` while
-/// `kernel.unprivileged_bpf_disabled` is set. Refuse such a kernel at start-up, not at the first read.
-pub fn check_bypass_kernel() -> Result<()> {
+/// `kernel.unprivileged_bpf_disabled` is set. The responder of xdp mode (`responder`) also needs
+/// 5.18 for TCP-lite's helpers (`bpf_xdp_load_bytes`, `bpf_xdp_store_bytes`, `bpf_loop`). Refuse
+/// such a kernel at start-up, not at the first read or in the verifier.
+pub fn check_bypass_kernel(responder: bool) -> Result<()> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .context("cannot read /proc/sys/kernel/osrelease")?;
     let version = kernel_version(&release)
@@ -208,6 +210,9 @@ pub fn check_bypass_kernel() -> Result<()> {
     let release = release.trim();
     if version < (5, 9) {
         bail!("Linux {release} has no XDP links: the bypass modes need 5.9 or later");
+    }
+    if responder && version < (5, 18) {
+        bail!("Linux {release} lacks the BPF helpers xdp mode's program uses (TCP-lite): xdp mode needs 5.18 or later; use --mode afxdp or kernel");
     }
     let disabled = std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled");
     let disabled = disabled.is_ok_and(|v| v.trim() != "0");

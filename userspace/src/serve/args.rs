@@ -95,12 +95,13 @@ pub struct ServeArgs {
     #[arg(long, value_parser = parse_frame_size)]
     pub frame_size: Option<u32>,
 
-    /// TCP-lite (afxdp mode): most connections each AF_XDP worker keeps (about 1.2 KiB each); a
+    /// TCP-lite: most connections each AF_XDP worker keeps (afxdp, about 1.2 KiB each, reserved at
+    /// start) or the XDP program keeps (xdp, about 2.2 KiB each, allocated as they come); a
     /// handshake beyond that is refused with RST and counted.
     #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1 << 20))]
     pub tcp_max_conns: u32,
 
-    /// TCP-lite (afxdp mode): a connection without a segment for this long is forgotten, e.g. 60s.
+    /// TCP-lite (afxdp and xdp): a connection without a segment for this long is forgotten, e.g. 60s.
     #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = duration_in(Duration::from_secs(1), Duration::from_secs(86_400)))]
     pub tcp_idle_timeout: Duration,
 

@@ -58,8 +58,8 @@ struct SetUp {
 /// thread does here, and the threads started next inherit that.
 fn set_up(config: &Config) -> Result<SetUp> {
     let lockdown = Lockdown::plan(config.user.as_deref(), config.mlock)?;
-    if config.bypass.is_some() {
-        privilege::check_bypass_kernel()?;
+    if let Some(bypass) = &config.bypass {
+        privilege::check_bypass_kernel(bypass.afxdp.is_none())?;
     }
     prepare_process(config)?;
     let counter_state = match &config.state {

@@ -34,6 +34,8 @@ pub struct Conn {
     pub snd_una: u32,
     /// The highest sequence number sent so far, plus one.
     snd_max: u32,
+    /// The highest acknowledgement sent: it never moves back (see [`Conn::segment`]).
+    pub ack_sent: u32,
     /// The client's MSS (the one the SYN-ACK offered) and its last advertised window.
     mss: u16,
     peer_window: u16,
@@ -75,6 +77,7 @@ impl Conn {
             rcv_nxt,
             snd_una,
             snd_max: snd_una,
+            ack_sent: rcv_nxt,
             mss,
             peer_window: 0,
             peer_fin: false,
@@ -133,8 +136,14 @@ impl Conn {
     }
 
     /// The segment the connection sends now: every unacknowledged reply byte the client's MSS and
-    /// window allow from `snd_una`, the acknowledgement of all received, and FIN once it closes and
-    /// the last reply byte is in the segment.
+    /// window allow from `snd_una`, and FIN once it closes and the last reply byte is in the segment.
+    ///
+    /// It acknowledges what was received less the requests whose replies it cannot carry (a reply
+    /// held by the client's window), never less than it acknowledged before: the client's own
+    /// retransmission timer then resends those requests, and the answer to that carries the replies
+    /// once the window allows. So no reply ever waits on a segment of the client's that may never
+    /// come (a lost window update), and the server needs no persist timer. The window's right edge
+    /// stays where [`Conn::window`] puts it. (Replies are as long as their requests.)
     pub fn segment(&mut self) -> Outgoing<'_> {
         let n = usize::from(self.out_len)
             .min(usize::from(self.mss))
@@ -151,11 +160,18 @@ impl Conn {
         if before(self.snd_max, end) {
             self.snd_max = end;
         }
+        let held = u32::from(self.out_len) - n as u32;
+        let mut ack = self.rcv_nxt.wrapping_sub(held);
+        if before(ack, self.ack_sent) {
+            ack = self.ack_sent;
+        }
+        self.ack_sent = ack;
+        let window = self.window() + self.rcv_nxt.wrapping_sub(ack) as usize;
         Outgoing {
             seq: self.snd_una,
-            ack: self.rcv_nxt,
+            ack,
             flags,
-            window: self.window() as u16,
+            window: window.min(usize::from(u16::MAX)) as u16,
             mss: None,
             payload: &self.out[..n],
         }

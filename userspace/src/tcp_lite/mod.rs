@@ -217,7 +217,7 @@ impl TcpLite {
         let conn = &mut self.conns[slot as usize];
         conn.last_seen = now;
         let step = if seg.flags & RST != 0 {
-            if seg.seq == conn.rcv_nxt {
+            if rst_exact(conn, seg.seq) {
                 Step::Forget
             } else if in_window(conn, seg.seq) {
                 Step::Answer
@@ -272,6 +272,12 @@ impl TcpLite {
             keep
         });
     }
+}
+
+/// An RST at `seq` is at the expected sequence number: anywhere from the last acknowledgement
+/// sent (which may lie behind `rcv_nxt`, see [`Conn::segment`]) to `rcv_nxt`.
+fn rst_exact(conn: &Conn, seq: u32) -> bool {
+    !before(seq, conn.ack_sent) && !before(conn.rcv_nxt, seq)
 }
 
 /// `seq` lies within the connection's receive window.

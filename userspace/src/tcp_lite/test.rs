@@ -313,13 +313,31 @@ fn a_zero_window_holds_the_replies_until_it_opens() {
     c.window = 0;
     let held = lab.request(&mut c, &frame(4)).unwrap();
     assert!(held.payload.is_empty(), "no reply byte into a zero window");
-    assert_eq!(held.ack, c.seq, "but the request is acknowledged");
-    assert_eq!(lab.counter.load(), 4, "and counted");
-    // The server's window shrinks by the held reply.
-    assert_eq!(held.window, conn::MAX_WINDOW - 16);
-    // A window update opens it: the reply goes out.
+    assert_eq!(lab.counter.load(), 4, "the request is counted");
+    // Its reply is held, so the request is not acknowledged: the client's retransmission timer
+    // will ask again. The window's right edge still accounts for the held reply.
+    assert_eq!(held.ack, c.seq.wrapping_sub(16));
+    assert_eq!(
+        held.ack.wrapping_add(u32::from(held.window)),
+        c.seq.wrapping_add(u32::from(conn::MAX_WINDOW) - 16)
+    );
+    // The retransmitted request into the still-closed window: same answer, counted once.
+    let again = lab
+        .send(
+            c.flow,
+            c.seq.wrapping_sub(16),
+            c.ack,
+            ACK | PSH,
+            0,
+            &frame(4),
+        )
+        .unwrap();
+    assert!(again.payload.is_empty());
+    assert_eq!((again.ack, lab.counter.load()), (held.ack, 4));
+    // A window update opens it: the reply goes out, and the request is acknowledged.
     let sent = lab.send(c.flow, c.seq, c.ack, ACK, 1000, &[]).unwrap();
     assert_eq!(value(&sent.payload), 4);
+    assert_eq!(sent.ack, c.seq);
 }
 
 #[test]
@@ -331,12 +349,15 @@ fn the_window_bounds_what_is_taken_and_what_waits() {
     let stream: Vec<u8> = (0..64).flat_map(|_| frame(1)).collect();
     let sent = lab.request(&mut c, &stream).unwrap();
     let taken = usize::from(conn::MAX_WINDOW);
-    assert_eq!(
-        sent.ack.wrapping_sub(c.seq - stream.len() as u32) as usize,
-        taken
-    );
+    let start = c.seq - stream.len() as u32;
     assert_eq!(lab.counter.load(), taken as u64 / 16);
-    assert_eq!(sent.window, 0, "the buffer is full");
+    // Every reply waits for the window, so no request is acknowledged yet, and the window's right
+    // edge is where the taken bytes end: the buffer is full.
+    assert_eq!(sent.ack, start);
+    assert_eq!(
+        sent.ack.wrapping_add(u32::from(sent.window)),
+        start.wrapping_add(taken as u32)
+    );
 }
 
 #[test]
