@@ -417,3 +417,214 @@ fn tcp_syn_floods_strays_and_limits(mode: &str, tag: &str) {
     assert!(total_field(&output, "tcp_idle_closed") >= 4);
     assert_eq!(total_field(&output, "requests"), 4);
 }
+
+/// A TCP client scripted segment by segment through a raw socket in the client namespace, for
+/// what no well-behaved client sends on cue. Its ports are above the ephemeral range, and an
+/// nftables rule drops the client kernel's RSTs for them.
+struct Scripted {
+    socket: socket2::Socket,
+    port: u16,
+    /// The next byte this client sends, and the next it expects from the server.
+    seq: u32,
+    ack: u32,
+}
+
+/// A segment from the server, as the raw socket saw it.
+#[derive(Debug)]
+struct Seen {
+    seq: u32,
+    ack: u32,
+    fin: bool,
+    rst: bool,
+    window: u16,
+    payload: Vec<u8>,
+}
+
+impl Scripted {
+    const SYN: u8 = 0x02;
+    const FIN: u8 = 0x01;
+    const RST: u8 = 0x04;
+    const ACK: u8 = 0x10;
+
+    fn connect(port: u16) -> Scripted {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::TCP),
+        )
+        .expect("a raw socket (needs root)");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut c = Scripted {
+            socket,
+            port,
+            seq: 1_000_000 + u32::from(port),
+            ack: 0,
+        };
+        c.send(c.seq, Self::SYN, 64240, &[]);
+        let syn_ack = c.recv().expect("SYN-ACK");
+        assert_eq!(syn_ack.ack, c.seq.wrapping_add(1));
+        c.seq = c.seq.wrapping_add(1);
+        c.ack = syn_ack.seq.wrapping_add(1);
+        c.send(c.seq, Self::ACK, 64240, &[]);
+        c
+    }
+
+    fn send(&self, seq: u32, flags: u8, window: u16, payload: &[u8]) {
+        let mut h = etherparse::TcpHeader::new(self.port, COUNTER_PORT, seq, window);
+        h.syn = flags & Self::SYN != 0;
+        h.fin = flags & Self::FIN != 0;
+        h.rst = flags & Self::RST != 0;
+        h.ack = flags & Self::ACK != 0;
+        h.psh = !payload.is_empty();
+        h.acknowledgment_number = if h.ack { self.ack } else { 0 };
+        if h.syn {
+            h.set_options(&[etherparse::TcpOptionElement::MaximumSegmentSize(1460)])
+                .unwrap();
+        }
+        h.checksum = h
+            .calc_checksum_ipv4_raw([198, 18, 0, 2], [198, 18, 0, 1], payload)
+            .unwrap();
+        let mut bytes = h.to_bytes().to_vec();
+        bytes.extend_from_slice(payload);
+        let to: SocketAddr = format!("{LAB_SERVER}:0").parse().unwrap();
+        self.socket.send_to(&bytes, &to.into()).unwrap();
+    }
+
+    /// Data (with ACK) at the next sequence number.
+    fn data(&mut self, payload: &[u8], window: u16) -> Option<Seen> {
+        self.send(self.seq, Self::ACK, window, payload);
+        self.seq = self.seq.wrapping_add(payload.len() as u32);
+        self.recv()
+    }
+
+    /// The next segment from the server to this client within 1 s, if any.
+    fn recv(&self) -> Option<Seen> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+        while std::time::Instant::now() < deadline {
+            let Ok(n) = self.socket.recv(&mut buf) else {
+                continue;
+            };
+            // SAFETY: recv initialised the first n bytes.
+            let bytes: Vec<u8> = buf[..n]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect();
+            let ip = etherparse::Ipv4HeaderSlice::from_slice(&bytes).unwrap();
+            let tcp = etherparse::TcpHeaderSlice::from_slice(&bytes[ip.slice().len()..]).unwrap();
+            if tcp.source_port() != COUNTER_PORT || tcp.destination_port() != self.port {
+                continue;
+            }
+            let start = ip.slice().len() + tcp.slice().len();
+            let end = usize::from(ip.total_len()).min(bytes.len());
+            return Some(Seen {
+                seq: tcp.sequence_number(),
+                ack: tcp.acknowledgment_number(),
+                fin: tcp.fin(),
+                rst: tcp.rst(),
+                window: tcp.window_size(),
+                payload: bytes[start..end].to_vec(),
+            });
+        }
+        None
+    }
+}
+
+/// The window a scripted client's own RSTs carry, so the rule below lets them through.
+const SCRIPTED_RST_WINDOW: u16 = 4242;
+
+/// Drops the client kernel's RSTs to the lab's counter port: the scripted clients have no socket.
+fn drop_client_rsts(lab: &LabNet) {
+    let rules = format!(
+        "table inet ricochet_rst {{\n\
+           chain out {{ type filter hook output priority 0; tcp dport {COUNTER_PORT} tcp flags & rst == rst tcp window != {SCRIPTED_RST_WINDOW} drop; }}\n\
+         }}\n"
+    );
+    let path = temp_path("rst-scripted.nft");
+    std::fs::write(&path, rules).unwrap();
+    let (ok, out) = lab.client_cmd("nft", &["-f", path.to_str().unwrap()]);
+    assert!(ok, "nft: {out}");
+}
+
+#[test]
+fn afxdp_tcp_edge_cases_from_scripted_segments() {
+    tcp_edge_cases_from_scripted_segments("afxdp", "ts");
+}
+
+#[test]
+fn xdp_tcp_edge_cases_from_scripted_segments() {
+    tcp_edge_cases_from_scripted_segments("xdp", "tsx");
+}
+
+/// Retransmission, out of order, zero window, keepalive, FIN, an invalid frame and RST, each on
+/// its own scripted connection; the counter afterwards holds each accepted increment once.
+fn tcp_edge_cases_from_scripted_segments(mode: &str, tag: &str) {
+    if !require_tool("nft", "nftables") {
+        return;
+    }
+    let Some(lab) = LabNet::create(tag, 1) else {
+        return;
+    };
+    let server = start(&lab, mode, &[]);
+    drop_client_rsts(&lab);
+    let total = in_netns(&lab.client_ns, scripted_cases).join().unwrap();
+    let (ok, output) = server.terminate();
+    assert!(ok, "{output}");
+    assert_eq!(final_counter(&output), total, "each increment counted once");
+    assert!(total_field(&output, "tcp_retransmitted") >= 1, "{output}");
+    assert!(total_field(&output, "tcp_out_of_order") >= 1, "{output}");
+}
+
+/// The scripted cases; returns the increments the server must have applied.
+fn scripted_cases() -> u64 {
+    // A retransmitted request gets the same reply bytes and is counted once.
+    let mut c = Scripted::connect(61001);
+    let first = c.data(&frame(5), 64240).expect("a reply");
+    c.seq = c.seq.wrapping_sub(16);
+    let again = c.data(&frame(5), 64240).expect("the reply again");
+    assert_eq!((first.payload.len(), &first.payload), (16, &again.payload));
+    assert_eq!(parse_reply(&first.payload), 5);
+    // Out of order: a segment beyond a gap gets a duplicate ACK and is not taken; the gap's
+    // segment then gets its own reply.
+    let mut o = Scripted::connect(61002);
+    o.send(o.seq.wrapping_add(16), Scripted::ACK, 64240, &frame(1));
+    let dup = o.recv().expect("a duplicate ACK");
+    assert_eq!((dup.ack, dup.payload.len()), (o.seq, 0));
+    let filled = o.data(&frame(2), 64240).expect("a reply");
+    assert_eq!((filled.ack, parse_reply(&filled.payload)), (o.seq, 7));
+    // Zero window: the reply waits, and its request is not acknowledged; a window update
+    // releases it.
+    let mut z = Scripted::connect(61003);
+    let held = z.data(&frame(3), 0).expect("an ACK");
+    assert!(
+        held.payload.is_empty(),
+        "a reply into a zero window: {held:?}"
+    );
+    z.send(z.seq, Scripted::ACK, 64240, &[]);
+    let released = z.recv().expect("the held reply");
+    assert_eq!((released.ack, parse_reply(&released.payload)), (z.seq, 10));
+    z.ack = released.seq.wrapping_add(16);
+    // A keepalive probe (one byte before the next) is answered with an ACK.
+    z.send(z.seq.wrapping_sub(1), Scripted::ACK, 64240, &[]);
+    let alive = z.recv().expect("a keepalive answer");
+    assert_eq!((alive.ack, alive.window > 0), (z.seq, true));
+    // FIN is acknowledged and answered with FIN.
+    z.send(z.seq, Scripted::FIN | Scripted::ACK, 64240, &[]);
+    let fin = z.recv().expect("FIN");
+    assert!(fin.fin && fin.ack == z.seq.wrapping_add(1), "{fin:?}");
+    // An invalid frame: the frame before it is answered, then FIN; more data gets RST.
+    let mut b = Scripted::connect(61004);
+    let mut bytes = frame(4).to_vec();
+    bytes.extend([0u8; 16]);
+    let closing = b.data(&bytes, 64240).expect("the first reply and FIN");
+    assert_eq!((parse_reply(&closing.payload), closing.fin), (14, true));
+    assert!(b.data(&frame(1), 64240).expect("RST").rst);
+    // RST at the next byte forgets the connection: its later data is refused with RST.
+    let mut r = Scripted::connect(61005);
+    assert_eq!(parse_reply(&r.data(&frame(6), 64240).unwrap().payload), 20);
+    r.send(r.seq, Scripted::RST, SCRIPTED_RST_WINDOW, &[]);
+    assert!(r.data(&frame(100), 64240).expect("RST").rst);
+    20
+}
