@@ -213,58 +213,6 @@ static __always_inline int parse_request(struct xdp_md *ctx, struct request *req
 	return -1;
 }
 
-/* Whether a frame is a TCP segment for a TCP listener (afxdp mode's TCP-lite): IPv4 without options
- * and not a fragment, or IPv6 without extension headers, the TCP header's fixed part in the frame.
- * Everything else about the segment is checked by the AF_XDP worker. */
-static __always_inline int is_tcp_for_listener(struct xdp_md *ctx)
-{
-	struct cursor c = { .pos = (void *)(long)ctx->data, .end = (void *)(long)ctx->data_end };
-	int proto = parse_eth(&c);
-	struct listener_key key = { .transport = IPPROTO_TCP };
-	struct tcphdr *tcp;
-	if (proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *ip = c.pos;
-		if ((void *)(ip + 1) > c.end)
-			return 0;
-		if (ip->version != 4 || ip->ihl != 5 || ip->protocol != IPPROTO_TCP)
-			return 0;
-		if (bpf_ntohs(ip->frag_off) & (IP_MF_ | IP_OFFSET_))
-			return 0;
-		tcp = (void *)(ip + 1);
-		key.family = 4;
-		__builtin_memcpy(key.addr, &ip->daddr, 4);
-	} else if (proto == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr *ip6 = c.pos;
-		if ((void *)(ip6 + 1) > c.end)
-			return 0;
-		if (ip6->version != 6 || ip6->nexthdr != IPPROTO_TCP)
-			return 0;
-		tcp = (void *)(ip6 + 1);
-		key.family = 6;
-		__builtin_memcpy(key.addr, &ip6->daddr, 16);
-	} else {
-		return 0;
-	}
-	if ((void *)(tcp + 1) > c.end)
-		return 0;
-	key.port = tcp->dest;
-	return find_listener(&key) != 0;
-}
-
-static __always_inline int steer(struct xdp_md *ctx)
-{
-	struct request req;
-	int action;
-	int stat = parse_request(ctx, &req, &action);
-	if (stat == STAT_PASSED && is_tcp_for_listener(ctx))
-		stat = -1;
-	if (stat >= 0)
-		return verdict(stat, action);
-	/* XDP_PASS when no AF_XDP socket sits in this queue's slot: the kernel path answers. */
-	action = bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_PASS);
-	return verdict(action == XDP_REDIRECT ? STAT_STEERED : STAT_NO_SOCKET, action);
-}
-
 /* xxh64 (seed 0) of the ASCII decimal string of v, as the counter protocol defines it.
  *
  * The digits are packed into three little-endian words (the string is at most 20 bytes) using only
@@ -440,6 +388,31 @@ static __always_inline void swap_bytes(__u8 *a, __u8 *b, int n)
 }
 
 #include "tcp_lite.h"
+
+/* Whether a frame is a TCP segment for a TCP listener (afxdp mode's TCP-lite): tcp_locate's parse,
+ * whose answer the AF_XDP worker checks again. A segment that does not fit its frame is steered too:
+ * the worker counts it. */
+static __always_inline int is_tcp_for_listener(struct xdp_md *ctx)
+{
+	__u32 zero = 0;
+	struct tcp_seg *seg = bpf_map_lookup_elem(&tcp_segs, &zero);
+	return seg && tcp_locate(ctx, seg) != 0;
+}
+
+static __always_inline int steer(struct xdp_md *ctx)
+{
+	struct request req;
+	int action;
+	int stat = parse_request(ctx, &req, &action);
+	if (stat == STAT_PASSED && is_tcp_for_listener(ctx))
+		stat = -1;
+	if (stat >= 0)
+		return verdict(stat, action);
+	/* XDP_PASS when no AF_XDP socket sits in this queue's slot: the kernel path answers. */
+	action = bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_PASS);
+	return verdict(action == XDP_REDIRECT ? STAT_STEERED : STAT_NO_SOCKET, action);
+}
+
 
 /* A frame for a UDP listener, answered; -1 for any other frame. A global function: the verifier
  * allows 512 bytes of stack along the deepest chain of calls, and this frame's stack is then not on
