@@ -302,9 +302,9 @@ static __always_inline __u64 decimal_xxh64(__u64 v)
 
 /* The ones' complement sum (RFC 1071) of the len bytes at offset l4_offset in the frame (a UDP
  * datagram or TCP segment, header and payload), added to seed (the pseudo-header's sum), folded and
- * inverted: the checksum to store. Returns 0 when the bytes do not lie within the frame or len is
- * above RESPONDER_MAX_UDP_LEN (callers check both; 0 is never a computed checksum: a computed 0 is
- * sent as its equal 0xffff, which UDP over IPv6 requires and TCP accepts).
+ * inverted: the checksum to store (UDP sends a computed 0 as its equal 0xffff, as 0 means "none"
+ * there; TCP sends it as it is). Returns -1 when the bytes do not lie within the frame or len is
+ * above RESPONDER_MAX_UDP_LEN (callers check both).
  *
  * A global function: the verifier checks it once, on its own, rather than once per path that reaches
  * it (each VLAN depth and IP version is a path), which keeps a 1,024-iteration loop within the
@@ -319,7 +319,7 @@ __attribute__((noinline)) int l4_checksum(struct xdp_md *ctx, __u32 l4_offset, _
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	if (l4_offset > MAX_UDP_OFFSET || len > RESPONDER_MAX_UDP_LEN)
-		return 0;
+		return -1;
 	__u64 sum = seed;
 	__u32 words = len / 4;
 	__u32 *w = data + l4_offset;
@@ -330,28 +330,27 @@ __attribute__((noinline)) int l4_checksum(struct xdp_md *ctx, __u32 l4_offset, _
 		 * instead of hoisting them into arithmetic on data_end (which the verifier refuses). */
 		asm volatile("" : "+r"(w));
 		if ((void *)(w + 1) > data_end)
-			return 0;
+			return -1;
 		sum += *w;
 		w++;
 	}
 	__u8 *tail = (void *)w;
 	if (len & 2) {
 		if ((void *)(tail + 2) > data_end)
-			return 0;
+			return -1;
 		sum += *(__u16 *)tail;
 		tail += 2;
 	}
 	if (len & 1) {
 		if ((void *)(tail + 1) > data_end)
-			return 0;
+			return -1;
 		sum += bpf_htons((__u16)(*tail) << 8);
 	}
 	sum = (sum & 0xffffffff) + (sum >> 32);
 	sum = (sum & 0xffffffff) + (sum >> 32);
 	sum = (sum & 0xffff) + (sum >> 16);
 	sum = (sum & 0xffff) + (sum >> 16);
-	__u16 check = ~sum & 0xffff;
-	return check ? check : 0xffff;
+	return ~sum & 0xffff;
 }
 
 /* The pseudo-header's addresses, protocol and length, summed in host-order 32-bit words. */
@@ -476,7 +475,11 @@ __attribute__((noinline)) int udp_respond(struct xdp_md *ctx)
 	req.udp->check = 0;
 	__u64 seed = pseudo_header_sum(&req, data_end);
 	__u32 udp_offset = (void *)req.udp - (void *)(long)ctx->data;
-	req.udp->check = l4_checksum(ctx, udp_offset, bpf_ntohs(req.udp->len), seed);
+	int check = l4_checksum(ctx, udp_offset, bpf_ntohs(req.udp->len), seed);
+	if (check < 0)
+		return XDP_ABORTED;
+	/* 0 means "no checksum" in UDP over IPv4 and is not allowed over IPv6: send its equal, 0xffff. */
+	req.udp->check = check ? check : 0xffff;
 	return verdict(STAT_TX, XDP_TX);
 }
 

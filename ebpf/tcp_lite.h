@@ -794,11 +794,11 @@ __attribute__((noinline)) int tcp_emit(struct xdp_md *ctx, struct tcp_seg *seg, 
 		opt[2] = o->mss >> 8;
 		opt[3] = o->mss & 0xff;
 	}
-	__u16 check = l4_checksum(ctx, l4, tcp_len, seed);
+	int check = l4_checksum(ctx, l4, tcp_len, seed);
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
 	th = data + l4;
-	if (check == 0 || (void *)(th + 1) > data_end)
+	if (check < 0 || (void *)(th + 1) > data_end)
 		return XDP_ABORTED;
 	th->check = check;
 	count(STAT_TCP_SEGMENTS_TX);

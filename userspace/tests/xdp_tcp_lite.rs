@@ -608,3 +608,37 @@ fn sockperf_message(rng: &mut common::Rng) -> Vec<u8> {
     msg[10..14].copy_from_slice(&(len as u32).to_be_bytes());
     msg
 }
+
+/// A TCP checksum that computes to 0 is sent as 0 (UDP alone sends it as 0xffff, since 0 means "no
+/// checksum" there). The echo payload's last word is chosen so that the answer's checksum is 0:
+/// with that word zero the checksum would be c0, and adding the word c0 to the ones' complement sum
+/// makes it 0xffff, whose complement is 0. parse_answer checks the field against etherparse's.
+#[test]
+fn a_tcp_checksum_of_zero_is_sent_as_zero() {
+    let Some(mut pair) = pair(4) else { return };
+    let mut c = Client::new(61050, 7000, 77);
+    c.connect(&mut pair, Some(1460));
+    // One exchange of the same length first: the next answer has the same window.
+    let first = c.data(&mut pair, &[1, 2, 3, 4]).unwrap();
+    let mut predicted = Vec::new();
+    PacketBuilder::ethernet2(SERVER_MAC, CLIENT_MAC)
+        .ipv4(SERVER, CLIENT, 64)
+        .tcp(7000, c.port, c.rcv_nxt, first.window)
+        .ack(c.snd_nxt.wrapping_add(4))
+        .psh()
+        .write(&mut predicted, &[1, 2, 0, 0])
+        .unwrap();
+    let c0 = u16::from_be_bytes([predicted[50], predicted[51]]);
+    let payload = [1, 2, (c0 >> 8) as u8, c0 as u8];
+    let answer = c.data(&mut pair, &payload).unwrap();
+    assert_eq!(answer.payload, payload);
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(SERVER_MAC, CLIENT_MAC)
+        .ipv4(SERVER, CLIENT, 64)
+        .tcp(7000, c.port, answer.seq, answer.window)
+        .ack(answer.ack)
+        .psh()
+        .write(&mut frame, &payload)
+        .unwrap();
+    assert_eq!(&frame[50..52], &[0, 0], "the case this test is about");
+}
