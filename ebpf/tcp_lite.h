@@ -630,18 +630,6 @@ static __always_inline void conn_segment(struct tcp_conn *c, struct tcp_out *o, 
 	o->ring = (c->snd_una - c->iss1) & (TCP_OUT_CAP - 1);
 }
 
-static __always_inline void swap16(__u8 *a, __u8 *b, int n)
-{
-#pragma unroll
-	for (int i = 0; i < 16; i++) {
-		if (i < n) {
-			__u8 t = a[i];
-			a[i] = b[i];
-			b[i] = t;
-		}
-	}
-}
-
 static __always_inline __u16 ipv4_header_checksum(struct iphdr *ip)
 {
 	__u32 *w = (__u32 *)ip;
@@ -684,7 +672,7 @@ static __always_inline __u64 answer_ip(struct xdp_md *ctx, struct tcp_seg *seg, 
 	struct ipv6hdr *ip6 = data + l3;
 	if ((void *)(ip6 + 1) > data_end)
 		return 0;
-	swap16((__u8 *)&ip6->saddr, (__u8 *)&ip6->daddr, 16);
+	swap_bytes((__u8 *)&ip6->saddr, (__u8 *)&ip6->daddr, 16);
 	*(__be32 *)ip6 = bpf_htonl(6 << 28); /* no traffic class, no flow label */
 	ip6->payload_len = bpf_htons(tcp_len);
 	ip6->hop_limit = 64;
@@ -768,7 +756,7 @@ __attribute__((noinline)) int tcp_emit(struct xdp_md *ctx, struct tcp_seg *seg, 
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return XDP_ABORTED;
-	swap16(eth->h_dest, eth->h_source, 6);
+	swap_bytes(eth->h_dest, eth->h_source, 6);
 	__u64 seed = answer_ip(ctx, seg, tcp_len);
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;
